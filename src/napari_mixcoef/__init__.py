@@ -1,0 +1,14 @@
+"""Per-slice mixing coefficients of an image stack against two references.
+
+``import napari_mixcoef`` is pure numpy/scipy: the napari widgets live in
+private modules that the plugin manifest (``napari.yaml``) names directly.
+"""
+
+try:
+    from ._version import version as __version__
+except ImportError:  # running from a source tree that was never installed
+    __version__ = 'unknown'
+
+from .core import MODELS, MixFit, fit_stack, residuals
+
+__all__ = ['MODELS', 'MixFit', '__version__', 'fit_stack', 'residuals']

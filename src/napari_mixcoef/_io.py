@@ -1,0 +1,167 @@
+"""Files for the command line: .npy, .tif/.tiff and .zarr, read lazily."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = ('.npy', '.tif', '.tiff', '.zarr')
+
+
+def _suffix(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f'{os.fspath(path)!r}: unsupported file type {suffix or "(none)"}'
+            f'; use one of {", ".join(SUFFIXES)}'
+        )
+    return suffix
+
+
+@contextlib.contextmanager
+def opened(path: str | os.PathLike) -> Iterator:
+    """Open an image file as an array without reading it into memory.
+
+    Parameters
+    ----------
+    path : str or path-like
+        A ``.npy`` file (memory-mapped), a TIFF (memory-mapped when its
+        pages are stored plainly, else read page by page through tifffile's
+        zarr store) or a ``.zarr`` array (or a group holding one array).
+
+    Yields
+    ------
+    array_like
+        numpy memmap or zarr array with ``shape`` and ``dtype``; files the
+        reader opened are closed when the context ends.
+
+    Raises
+    ------
+    ValueError
+        Missing or unreadable file, unsupported type, or a zarr group that
+        does not hold exactly one array.
+    """
+    suffix = _suffix(path)
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise ValueError(f'{name!r} does not exist')
+    with contextlib.ExitStack() as files:
+        try:
+            if suffix == '.npy':
+                array = np.load(name, mmap_mode='r', allow_pickle=False)
+            elif suffix in ('.tif', '.tiff'):
+                array = _open_tiff(name, files)
+            else:
+                array = _open_zarr(name)
+        except ValueError:
+            raise
+        except Exception as err:  # readers raise many types; CLI wants one
+            raise ValueError(f'cannot read {name!r}: {err}') from err
+        yield array
+
+
+def _open_tiff(name: str, files: contextlib.ExitStack):
+    import tifffile
+
+    try:
+        return tifffile.memmap(name, mode='r')
+    except ValueError:  # compressed or tiled: read through the zarr store
+        import zarr
+
+        tif = files.enter_context(tifffile.TiffFile(name))
+        store = files.enter_context(tif.aszarr())
+        return zarr.open(store, mode='r')
+
+
+def _open_zarr(name: str):
+    import zarr
+
+    node = zarr.open(name, mode='r')
+    if hasattr(node, 'shape'):
+        return node
+    arrays = list(node.arrays())
+    if len(arrays) != 1:
+        raise ValueError(
+            f'{name!r} is a zarr group with {len(arrays)} arrays; give the '
+            'path of the array itself (e.g. data.zarr/0)'
+        )
+    return arrays[0][1]
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a small image (a reference or a mask) fully into memory."""
+    with opened(path) as array:
+        return np.asarray(array[...])
+
+
+def write_stack(
+    stack,
+    path: str | os.PathLike,
+    *,
+    slices_per_block: int = 16,
+    progress: Callable[[int, int], object] | None = None,
+) -> None:
+    """Write an array-like to ``.npy``, ``.tif`` or ``.zarr``, streaming.
+
+    Parameters
+    ----------
+    stack : (*lead, Y, X) array_like
+        Read ``slices_per_block`` slices of the first axis at a time (e.g.
+        a lazy residual stack), so memory stays bounded.
+    path : str or path-like
+        Output file; its suffix picks the format.
+    progress : callable, optional
+        ``progress(done, total)`` over the first axis.
+    """
+    suffix = _suffix(path)
+    name = os.fspath(path)
+    shape = tuple(stack.shape)
+    dtype = np.dtype(stack.dtype)
+    n = shape[0] if shape else 1
+    blocks = [
+        (i, min(i + slices_per_block, n))
+        for i in range(0, n, slices_per_block)
+    ]
+    if suffix == '.npy':
+        out = np.lib.format.open_memmap(
+            name, mode='w+', dtype=dtype, shape=shape
+        )
+        for i, j in blocks:
+            out[i:j] = stack[i:j]
+            if progress:
+                progress(j, n)
+        out.flush()
+        del out
+    elif suffix == '.zarr':
+        import zarr
+
+        out = zarr.create_array(
+            store=name,
+            shape=shape,
+            dtype=dtype,
+            overwrite=True,
+            chunks=(min(slices_per_block, n), *shape[1:]),
+        )
+        for i, j in blocks:
+            out[i:j] = np.asarray(stack[i:j])
+            if progress:
+                progress(j, n)
+    else:
+        import tifffile
+
+        plane = shape[-2:]
+
+        def pages():
+            for i, j in blocks:
+                block = np.asarray(stack[i:j], dtype=dtype)
+                yield from block.reshape((-1, *plane))
+                if progress:
+                    progress(j, n)
+
+        big = math.prod(shape) * dtype.itemsize > 2**31
+        tifffile.imwrite(name, pages(), shape=shape, dtype=dtype, bigtiff=big)

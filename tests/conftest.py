@@ -1,0 +1,27 @@
+import numpy as np
+import pytest
+
+
+def make_refs(shape=(24, 20), seed=0):
+    """Two positive, clearly different reference images (float64)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    a = 300 + 200 * np.sin(xx / 3.0) ** 2 + 50 * rng.random(shape)
+    b = 250 + 220 * np.cos(yy / 4.0) ** 2 + 50 * rng.random(shape)
+    return a, b
+
+
+def make_stack(lead=(40,), shape=(24, 20), noise=10.0, seed=0):
+    """A stack with known x per slice, Gaussian noise; returns truth too."""
+    rng = np.random.default_rng(seed + 1)
+    a, b = make_refs(shape, seed)
+    x = rng.uniform(0.4, 0.7, lead)
+    ex = x[(...,) + (np.newaxis,) * len(shape)]
+    clean = ex * a + (1 - ex) * b
+    stack = clean + rng.normal(0, noise, clean.shape)
+    return stack, a, b, x
+
+
+@pytest.fixture
+def synthetic():
+    return make_stack()

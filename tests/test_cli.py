@@ -1,0 +1,191 @@
+"""The command line, end to end on real files."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from numpy.testing import assert_allclose
+
+from napari_mixcoef import fit_stack, residuals
+from napari_mixcoef._cli import main
+
+from conftest import make_stack
+
+
+@pytest.fixture
+def files(tmp_path):
+    stack, a, b, x = make_stack(lead=(25,), noise=8.0)
+    stack = np.clip(stack, 0, None).astype(np.uint16)
+    np.save(tmp_path / 'stack.npy', stack)
+    tifffile.imwrite(tmp_path / 'stack.tif', stack)
+    tifffile.imwrite(
+        tmp_path / 'stack_zlib.tif', stack, compression='zlib', tile=(16, 16)
+    )
+    z = zarr.create_array(
+        store=tmp_path / 'stack.zarr',
+        shape=stack.shape,
+        chunks=(4, 24, 20),
+        dtype=stack.dtype,
+    )
+    z[:] = stack
+    np.save(tmp_path / 'a.npy', a)
+    tifffile.imwrite(tmp_path / 'b.tif', b.astype(np.float32))
+    mask = np.ones(a.shape, np.uint8)
+    mask[:4] = 0
+    np.save(tmp_path / 'mask.npy', mask)
+    return tmp_path, stack, a, b.astype(np.float32), mask
+
+
+def read_csv(path):
+    names = path.read_text().splitlines()[0].split(',')
+    table = np.loadtxt(path, delimiter=',', skiprows=1, ndmin=2)
+    return {name: table[:, i] for i, name in enumerate(names)}
+
+
+@pytest.mark.parametrize(
+    'name', ['stack.npy', 'stack.tif', 'stack_zlib.tif', 'stack.zarr']
+)
+def test_fit_each_format(files, name):
+    path, stack, a, b, _ = files
+    out = path / 'fit.csv'
+    code = main(
+        [
+            'fit',
+            str(path / name),
+            '--ref1',
+            str(path / 'a.npy'),
+            '--ref2',
+            str(path / 'b.tif'),
+            '--model',
+            'offset',
+            '--csv',
+            str(out),
+        ]
+    )
+    assert code == 0
+    expected = fit_stack(stack, a, b, model='offset')
+    table = read_csv(out)
+    assert list(table)[:3] == ['index_0', 'x', 'x_stderr']
+    assert_allclose(table['index_0'], np.arange(25))
+    assert_allclose(table['x'], expected.x, rtol=1e-8)
+    assert_allclose(table['c'], expected.coef[:, 2], rtol=1e-8, atol=1e-9)
+    assert_allclose(table['r2'], expected.r2, rtol=1e-8)
+
+
+@pytest.mark.parametrize('suffix', ['.npy', '.tif', '.zarr'])
+def test_residual_output(files, suffix):
+    path, stack, a, b, mask = files
+    out = path / f'res{suffix}'
+    code = main(
+        [
+            'fit',
+            str(path / 'stack.npy'),
+            '--ref1',
+            str(path / 'a.npy'),
+            '--ref2',
+            str(path / 'b.tif'),
+            '--mask',
+            str(path / 'mask.npy'),
+            '--csv',
+            str(path / 'f.csv'),
+            '--residual',
+            str(out),
+        ]
+    )
+    assert code == 0
+    fit = fit_stack(stack, a, b, mask=mask)
+    assert_allclose(read_csv(path / 'f.csv')['x'], fit.x, rtol=1e-8)
+    expected = np.asarray(residuals(stack, a, b, fit))
+    if suffix == '.npy':
+        got = np.load(out)
+    elif suffix == '.tif':
+        got = tifffile.imread(out)
+    else:
+        got = zarr.open_array(out, mode='r')[:]
+    assert got.dtype == np.float32 and got.shape == stack.shape
+    assert_allclose(got, expected)
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [
+        (['--ref1', 'missing.npy'], 'does not exist'),
+        (['--ref1', 'a.txt'], 'unsupported file type'),
+        (['--ref2', 'a.npy'], 'collinear'),
+        (['--mask', 'small.npy'], 'mask has shape'),
+        (['--ref1', 'nan.npy'], 'NaN'),
+    ],
+)
+def test_bad_input_exit_code_2_one_line(files, capsys, args, message):
+    path = files[0]
+    np.save(path / 'small.npy', np.ones((3, 3)))
+    a = np.load(path / 'a.npy')
+    a[1, 1] = np.nan
+    np.save(path / 'nan.npy', a)
+    (path / 'a.txt').write_text('1 2 3')
+    argv = {'--ref1': 'a.npy', '--ref2': 'b.tif'}
+    extra = []
+    for key, value in zip(args[::2], args[1::2]):
+        if key in argv:
+            argv[key] = value
+        else:
+            extra += [key, str(path / value)]
+    cmd = ['fit', str(path / 'stack.npy'), '--csv', str(path / 'o.csv')]
+    for key, value in argv.items():
+        cmd += [key, str(path / value)]
+    code = main(cmd + extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count('\n') == 1 and 'Traceback' not in err
+    assert not (path / 'o.csv').exists()
+
+
+def test_console_script_end_to_end(files):
+    path = files[0]
+    exe = shutil.which('napari-mixcoef') or shutil.which(
+        'napari-mixcoef',
+        path=str(__import__('pathlib').Path(sys.executable).parent),
+    )
+    assert exe, 'console script napari-mixcoef is not installed'
+    ok = subprocess.run(
+        [
+            exe,
+            'fit',
+            str(path / 'stack.zarr'),
+            '--ref1',
+            str(path / 'a.npy'),
+            '--ref2',
+            str(path / 'b.tif'),
+            '--csv',
+            str(path / 'cli.csv'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert len(read_csv(path / 'cli.csv')['x']) == 25
+    bad = subprocess.run(
+        [
+            exe,
+            'fit',
+            str(path / 'nope.npy'),
+            '--ref1',
+            str(path / 'a.npy'),
+            '--ref2',
+            str(path / 'b.tif'),
+            '--csv',
+            str(path / 'x.csv'),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count('\n') == 0
+    assert 'nope.npy' in bad.stderr
