@@ -1,0 +1,146 @@
+"""The "mixture" sample: a noisy uint16 stack mixed from two references.
+
+Built from scikit-image's immunohistochemistry image, which ships inside its
+wheel (nothing is downloaded): its haematoxylin and DAB stain channels
+(separated with :func:`skimage.color.rgb2hed`) stand in for two fluorophore
+distributions.  Pure numpy; no napari import.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+#: Slices where the sample deliberately breaks the model, so that the
+#: residual layer and the outlier marks have something to show: a bright
+#: speck of debris drifting through, and one defocused frame.
+DEBRIS_SLICES = (70, 71, 72)
+DEFOCUS_SLICE = 150
+
+
+def make_mixture(
+    n_slices: int = 200,
+    shape: tuple[int, int] = (128, 128),
+    *,
+    photons: float = 900.0,
+    camera_offset: float = 100.0,
+    read_noise: float = 3.0,
+    seed: int = 0,
+) -> tuple[
+    NDArray[np.uint16],
+    NDArray[np.float32],
+    NDArray[np.float32],
+    NDArray[np.float64],
+]:
+    """Make the mixture sample.
+
+    Parameters
+    ----------
+    n_slices : int
+        Number of slices.
+    shape : tuple of int
+        Slice shape (at most 512 × 512).
+    photons : float
+        Mean photon count of a reference image.
+    camera_offset, read_noise : float
+        Camera baseline (counts) and Gaussian read noise (counts, sd).
+    seed : int
+        Seed of the noise.
+
+    Returns
+    -------
+    stack : (n_slices, *shape) ndarray of uint16
+        ``x_i·A + (1−x_i)·B`` in photons, Poisson-sampled, plus read noise
+        and the camera offset.
+    ref1, ref2 : (*shape) ndarray of float32
+        The noise-free references A and B in counts (offset included, as a
+        dark-corrected average of many frames would be).
+    truth_x : (n_slices,) ndarray of float64
+        The mixing coefficients used, slowly varying within 0.4–0.7.
+    """
+    from skimage import color, data, filters
+
+    rgb = data.immunohistochemistry()
+    hed = color.rgb2hed(rgb)
+    y0, x0 = 200, 240  # a field with both stains
+    crop = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
+    refs = []
+    for channel in (0, 2):  # haematoxylin, DAB
+        stain = filters.gaussian(hed[..., channel], sigma=1.0)[crop]
+        stain = (stain - stain.min()) / (np.ptp(stain) or 1.0)
+        # a dim background so that no pixel is dark: real references never
+        # are, and Poisson noise needs a positive mean
+        refs.append(photons * (0.25 + 1.5 * stain / stain.mean() / 2))
+    a, b = refs
+    t = np.arange(n_slices)
+    truth = 0.55 + 0.1 * np.sin(2 * np.pi * t / 160) + 0.03 * np.sin(t / 9)
+    truth = np.clip(truth, 0.4, 0.7)
+    rng = np.random.default_rng(seed)
+    mean = truth[:, None, None] * a + (1 - truth[:, None, None]) * b
+    for i in DEBRIS_SLICES:
+        if i < n_slices:
+            yy, xx = np.mgrid[: shape[0], : shape[1]]
+            cy = 0.3 * shape[0] + 4 * (i - DEBRIS_SLICES[0])
+            cx = 0.6 * shape[1]
+            mean[i] += (
+                3
+                * photons
+                * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
+            )
+    if DEFOCUS_SLICE < n_slices:
+        mean[DEFOCUS_SLICE] = filters.gaussian(mean[DEFOCUS_SLICE], sigma=2.5)
+    counts = rng.poisson(mean) + rng.normal(0, read_noise, mean.shape)
+    stack = np.clip(np.rint(counts + camera_offset), 0, 65535)
+    return (
+        stack.astype(np.uint16),
+        (a + camera_offset).astype(np.float32),
+        (b + camera_offset).astype(np.float32),
+        truth,
+    )
+
+
+def sample_mixture() -> list[tuple]:
+    """Return the "mixture" sample as napari layer data tuples.
+
+    Returns
+    -------
+    list of (data, kwargs, layer_type)
+        "mixture stack" (uint16, ``metadata["truth_x"]``), "reference 1"
+        and "reference 2".
+    """
+    stack, ref1, ref2, truth = make_mixture()
+    limits = [
+        float(min(ref1.min(), ref2.min())),
+        float(max(ref1.max(), ref2.max())),
+    ]
+    return [
+        (
+            ref1,
+            {
+                'name': 'reference 1',
+                'colormap': 'magenta',
+                'contrast_limits': limits,
+                'visible': False,
+            },
+            'image',
+        ),
+        (
+            ref2,
+            {
+                'name': 'reference 2',
+                'colormap': 'green',
+                'contrast_limits': limits,
+                'visible': False,
+            },
+            'image',
+        ),
+        (
+            stack,
+            {
+                'name': 'mixture stack',
+                'contrast_limits': limits,
+                'metadata': {'truth_x': truth},
+            },
+            'image',
+        ),
+    ]

@@ -1,0 +1,432 @@
+"""The "Mixing coefficients" dock widget: a thin form over the core.
+
+It gathers the layers and the model, runs :func:`napari_mixcoef.core`'s
+streaming fit in a worker thread (progress, Cancel), and shows the result:
+a lazy residual layer and the coefficient plot dock.  All numerics live in
+:mod:`napari_mixcoef.core`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    Label,
+    ProgressBar,
+    PushButton,
+)
+from psygnal import Signal
+
+from .core import MODELS
+
+if TYPE_CHECKING:
+    import napari
+
+    from .core import MixFit
+
+#: Name of the coefficient plot dock (the contract asks for "plot").
+PLOT_DOCK_NAME = 'Mixing coefficients plot'
+_OUTPUT_KEY = 'mixcoef'
+_MODEL_LABELS = {
+    'mix': 'x·A + (1−x)·B  (mix)',
+    'scaled': 'a·A + b·B  (scaled)',
+    'offset': 'a·A + b·B + c  (offset)',
+}
+
+
+def _fit_in_thread(stack, ref1, ref2, mask, model):
+    """Worker body: yield ``(done, total)`` per chunk, return the result.
+
+    Runs in the worker thread, so this is where lazy (dask) references and
+    masks are computed -- never on the GUI thread.
+    """
+    # Import the plot module here, off the GUI thread: matplotlib's first
+    # import takes most of a second and would freeze napari when the
+    # result is shown.
+    from . import _plot  # noqa: F401
+    from ._chunks import as_numpy
+    from .core import _fit_steps, residuals
+
+    ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
+    if mask is not None:
+        mask = as_numpy(mask) != 0
+    fit = yield from _fit_steps(stack, ref1, ref2, model=model, mask=mask)
+    return fit, residuals(stack, ref1, ref2, fit)
+
+
+def _is_output(layer) -> bool:
+    return _OUTPUT_KEY in getattr(layer, 'metadata', {})
+
+
+def _data_shape(layer) -> tuple[int, ...] | None:
+    """Shape of a single-scale, non-RGB layer's data, else None."""
+    if getattr(layer, 'multiscale', False) or getattr(layer, 'rgb', False):
+        return None
+    return tuple(layer.data.shape)
+
+
+class MixcoefWidget(Container):
+    """Pick a stack and two references, fit every slice, show the result.
+
+    Parameters
+    ----------
+    napari_viewer : napari.viewer.Viewer
+        The viewer whose layers are offered and which gets the outputs.
+    """
+
+    #: Emitted with the :class:`MixFit` once the residual layer and the
+    #: plot show it, or with None when a run is cancelled or fails.
+    fit_finished = Signal(object)
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        # magicgui Containers look attributes up among their widgets: build
+        # the widgets first, set private attributes only after __init__.
+        super().__init__(
+            widgets=[
+                ComboBox(name='stack', label='stack'),
+                ComboBox(name='reference_1', label='reference 1'),
+                ComboBox(name='reference_2', label='reference 2'),
+                ComboBox(name='mask', label='mask', nullable=True),
+                ComboBox(
+                    name='model',
+                    label='model',
+                    choices=[(_MODEL_LABELS[m], m) for m in MODELS],
+                    value='mix',
+                ),
+                PushButton(name='run', text='Run'),
+                PushButton(name='cancel', text='Cancel', enabled=False),
+                ProgressBar(name='progress', value=0, min=0, max=1),
+                Label(name='status', label=' ', value=''),
+            ]
+        )
+        self._viewer = napari_viewer
+        self._worker = None
+        self._inputs: tuple = ()
+        self._plot = None
+        self._cancel_reason = ''
+        self._outputs = weakref.WeakKeyDictionary()
+        self.stack.choices = self._stack_choices
+        self.reference_1.choices = self._reference_choices
+        self.reference_2.choices = self._reference_choices
+        self.mask.choices = self._mask_choices
+        # a word-wrapped label in a form row needs room for three lines
+        self.status.native.setWordWrap(True)
+        self.status.native.setMinimumHeight(
+            4 * self.status.native.fontMetrics().height()
+        )
+        self._connect_events()
+        self.reset_choices()
+        # stop a running fit when the widget goes away with the viewer
+        holder = {'worker': None}
+        self._holder = holder
+        self.native.destroyed.connect(lambda *_: _quit(holder))
+
+    # -- layer choices ---------------------------------------------------
+
+    def _stack_choices(self, _widget=None) -> list[tuple[str, object]]:
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if layer._type_string == 'image'
+            and not _is_output(layer)
+            and (_data_shape(layer) or ())
+            and len(_data_shape(layer)) >= 3
+        ]
+
+    def _ref_shape(self) -> tuple[int, ...] | None:
+        ref = self.reference_1.value
+        return None if ref is None else _data_shape(ref)
+
+    def _reference_choices(self, _widget=None) -> list[tuple[str, object]]:
+        stack = self.stack.value
+        shape = None if stack is None else _data_shape(stack)
+        if not shape:
+            return []
+        out = []
+        for layer in self._viewer.layers:
+            ref = _data_shape(layer) if layer._type_string == 'image' else None
+            if (
+                ref
+                and layer is not stack
+                and 2 <= len(ref) < len(shape)
+                and shape[len(shape) - len(ref) :] == ref
+            ):
+                out.append((layer.name, layer))
+        return out
+
+    def _mask_choices(self, _widget=None) -> list[tuple[str, object]]:
+        shape = self._ref_shape()
+        if shape is None:
+            return []
+        return [
+            (layer.name, layer)
+            for layer in self._viewer.layers
+            if layer._type_string in ('labels', 'image')
+            and _data_shape(layer) == shape
+            and np.dtype(layer.data.dtype).kind in 'biu'
+        ]
+
+    def reset_choices(self, *_args) -> None:
+        """Refresh every layer picker from the viewer's layers."""
+        super().reset_choices()
+        self._default_second_reference()
+
+    def _default_second_reference(self) -> None:
+        choices = [c for c in self.reference_2.choices if c is not None]
+        if self.reference_2.value is self.reference_1.value and (
+            len(choices) > 1
+        ):
+            first = self.reference_1.value
+            self.reference_2.value = next(c for c in choices if c is not first)
+
+    # -- events ------------------------------------------------------------
+
+    def _connect_events(self) -> None:
+        layers = self._viewer.layers.events
+        layers.inserted.connect(self._on_layers_changed)
+        layers.removed.connect(self._on_layer_removed)
+        layers.moved.connect(self._on_layers_changed)
+        for layer in self._viewer.layers:
+            layer.events.name.connect(self._on_layers_changed)
+        self.stack.changed.connect(self._on_stack_changed)
+        self.reference_1.changed.connect(self._on_reference_changed)
+        self.run.changed.connect(self._on_run)
+        self.cancel.changed.connect(self._on_cancel)
+
+    def _disconnect_events(self) -> None:
+        layers = self._viewer.layers.events
+        layers.inserted.disconnect(self._on_layers_changed)
+        layers.removed.disconnect(self._on_layer_removed)
+        layers.moved.disconnect(self._on_layers_changed)
+        for layer in self._viewer.layers:
+            layer.events.name.disconnect(self._on_layers_changed)
+
+    def _on_layers_changed(self, event=None) -> None:
+        if event is not None and getattr(event, 'type', '') == 'inserted':
+            event.value.events.name.connect(self._on_layers_changed)
+        self.reset_choices()
+
+    def _on_layer_removed(self, event) -> None:
+        layer = event.value
+        layer.events.name.disconnect(self._on_layers_changed)
+        if self._worker is not None and any(
+            layer is used for used in self._inputs
+        ):
+            self._stop(f'cancelled: layer "{layer.name}" was removed')
+        self.reset_choices()
+
+    def _on_stack_changed(self, _value=None) -> None:
+        self.reference_1.reset_choices()
+        self.reference_2.reset_choices()
+        self._default_second_reference()
+
+    def _on_reference_changed(self, _value=None) -> None:
+        self.mask.reset_choices()
+        self._default_second_reference()
+
+    # -- running ------------------------------------------------------------
+
+    def _check_form(self) -> str:
+        stack, ref1, ref2 = (
+            self.stack.value,
+            self.reference_1.value,
+            self.reference_2.value,
+        )
+        if stack is None:
+            return (
+                'no stack: open an image stack with at least 3 '
+                'dimensions (File > Open Sample > napari-mixcoef)'
+            )
+        if ref1 is None or ref2 is None:
+            return (
+                'pick two reference layers whose shape matches the '
+                'last dimensions of the stack'
+            )
+        if ref1 is ref2:
+            return 'reference 1 and reference 2 are the same layer: pick two'
+        return ''
+
+    def _on_run(self, _value=None) -> None:
+        """Start the fit in a worker thread (ignored while one runs)."""
+        if self._worker is not None:
+            return
+        problem = self._check_form()
+        if problem:
+            self._show_status(problem, error=True)
+            return
+        from napari.qt.threading import create_worker
+
+        stack, ref1, ref2 = (
+            self.stack.value,
+            self.reference_1.value,
+            self.reference_2.value,
+        )
+        mask = self.mask.value
+        self._inputs = (stack, ref1, ref2, mask)
+        self._cancel_reason = ''
+        worker = create_worker(
+            _fit_in_thread,
+            stack.data,
+            ref1.data,
+            ref2.data,
+            None if mask is None else mask.data,
+            self.model.value,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.aborted.connect(self._on_aborted)
+        worker.finished.connect(self._on_worker_finished)
+        self._worker = worker
+        self._holder['worker'] = worker
+        self.run.enabled = False
+        self.cancel.enabled = True
+        self.progress.value = 0
+        self._show_status(f'fitting {stack.name}…')
+        worker.start()
+
+    def _on_cancel(self, _value=None) -> None:
+        self._stop('cancelled')
+
+    def _stop(self, reason: str) -> None:
+        if self._worker is not None:
+            self._cancel_reason = reason
+            self._worker.quit()
+
+    def _on_progress(self, step) -> None:
+        done, total = step
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _on_errored(self, err: Exception) -> None:
+        from napari.utils.notifications import show_error
+
+        self._show_status(f'fit failed: {err}', error=True)
+        show_error(f'Mixing coefficients: {err}')
+        self.fit_finished.emit(None)
+
+    def _on_aborted(self) -> None:
+        self._show_status(self._cancel_reason or 'cancelled')
+        self.fit_finished.emit(None)
+
+    def _on_worker_finished(self) -> None:
+        self._worker = None
+        self._holder['worker'] = None
+        self.run.enabled = True
+        self.cancel.enabled = False
+
+    def _on_returned(self, result) -> None:
+        from qtpy.QtCore import QTimer
+
+        fit, res = result
+        stack_layer = self._inputs[0]
+        if stack_layer not in self._viewer.layers:
+            self._show_status('the stack layer was removed; nothing shown')
+            self.fit_finished.emit(None)
+            return
+        self._show_residual(stack_layer, fit, res)
+        # The plot's first draw is the costly part: give the event loop a
+        # turn to paint the new layer before it.
+        QTimer.singleShot(0, lambda: self._show_plot(stack_layer, fit))
+
+    def _metadata(self, fit: MixFit) -> dict:
+        stack, ref1, ref2, mask = self._inputs
+        return {
+            'x': fit.x,
+            'x_stderr': fit.x_stderr,
+            'r2': fit.r2,
+            'rmse': fit.rmse,
+            'coef': fit.coef,
+            'stderr': fit.stderr,
+            'names': fit.names,
+            'model': fit.model,
+            'n_pixels': fit.n_pixels,
+            'stack': stack.name,
+            'reference_1': ref1.name,
+            'reference_2': ref2.name,
+            'mask': None if mask is None else mask.name,
+            'fit': fit,
+        }
+
+    def _show_residual(self, stack_layer, fit: MixFit, res) -> None:
+        """Add the residual layer, or update the one an earlier run made."""
+        name = f'{stack_layer.name} residual'
+        spread = float(np.nanmedian(fit.rmse)) if fit.rmse.size else 0.0
+        spread = 4 * spread if np.isfinite(spread) and spread > 0 else 1.0
+        # contrast limits given, so napari never scans the lazy stack
+        props = {
+            'contrast_limits': (-spread, spread),
+            'colormap': 'PiYG',
+            'scale': stack_layer.scale,
+            'translate': stack_layer.translate,
+            'metadata': {_OUTPUT_KEY: self._metadata(fit)},
+        }
+        # this stack's output from an earlier run: remembered, or found by
+        # name when the widget was reopened
+        mine = self._outputs.get(stack_layer)
+        existing = [
+            layer
+            for layer in self._viewer.layers
+            if _is_output(layer) and (layer is mine or layer.name == name)
+        ]
+        for layer in existing[1:]:
+            self._viewer.layers.remove(layer)
+        if existing and existing[0].data.shape == res.shape:
+            layer = existing[0]
+            layer.data = res
+            for key, value in props.items():
+                setattr(layer, key, value)
+            layer.name = name
+        else:
+            if existing:
+                self._viewer.layers.remove(existing[0])
+            layer = self._viewer.add_image(res, name=name, **props)
+        self._outputs[stack_layer] = layer
+
+    def _show_plot(self, stack_layer, fit: MixFit) -> None:
+        from ._plot import CoefficientPlot
+
+        if self._plot is None or not _alive(self._plot):
+            self._plot = CoefficientPlot(self._viewer)
+            self._viewer.window.add_dock_widget(
+                self._plot, name=PLOT_DOCK_NAME, area='bottom'
+            )
+        first_axis = self._viewer.dims.ndim - stack_layer.ndim
+        self._plot.set_fit(
+            fit,
+            first_axis=first_axis,
+            title=f'{stack_layer.name}: {fit.model} model',
+        )
+        if fit.x.size:
+            self._show_status(
+                f'{fit.x.size} slices fitted\n'
+                f'median x = {np.nanmedian(fit.x):.4f} '
+                f'± {np.nanmedian(fit.x_stderr):.2g}\n'
+                f'median R² = {np.nanmedian(fit.r2):.4f}'
+            )
+        self.fit_finished.emit(fit)
+
+    def _show_status(self, text: str, *, error: bool = False) -> None:
+        self.status.value = text
+        self.status.native.setStyleSheet('color: #e06c75;' if error else '')
+
+
+def _alive(widget) -> bool:
+    """Tell whether Qt still holds the widget (its dock was not closed)."""
+    try:
+        widget.isVisible()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _quit(holder: dict) -> None:
+    worker = holder.get('worker')
+    if worker is not None:
+        worker.quit()

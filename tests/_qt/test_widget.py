@@ -1,0 +1,229 @@
+"""The dock widget in a real napari viewer (virtual display, no mocks)."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from napari_mixcoef import fit_stack
+from napari_mixcoef._sample_data import make_mixture
+from napari_mixcoef._widget import PLOT_DOCK_NAME
+
+PLUGIN = 'napari-mixcoef'
+
+
+@pytest.fixture
+def sample_viewer(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, 'mixture')
+    _, widget = viewer.window.add_plugin_dock_widget(
+        PLUGIN, 'Mixing coefficients'
+    )
+    return viewer, widget
+
+
+def run_and_wait(qtbot, widget, timeout=60_000):
+    with qtbot.waitSignal(widget.fit_finished, timeout=timeout) as blocker:
+        widget.run.native.click()
+    return blocker.args[0]
+
+
+def test_sample_layers(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, 'mixture')
+    names = [layer.name for layer in viewer.layers]
+    assert set(names) == {'mixture stack', 'reference 1', 'reference 2'}
+    stack = viewer.layers['mixture stack']
+    assert stack.data.dtype == np.uint16
+    assert stack.data.shape == (200, 128, 128)
+    truth = stack.metadata['truth_x']
+    assert truth.shape == (200,)
+    assert 0.4 <= truth.min() and truth.max() <= 0.7
+
+
+def test_defaults_follow_the_sample(sample_viewer):
+    viewer, w = sample_viewer
+    assert w.stack.value is viewer.layers['mixture stack']
+    assert w.reference_1.value is viewer.layers['reference 1']
+    assert w.reference_2.value is viewer.layers['reference 2']
+    assert w.mask.value is None
+    assert w.model.value == 'mix'
+
+
+def test_run_matches_core_and_truth(sample_viewer, qtbot, tmp_path):
+    viewer, w = sample_viewer
+    before = {layer.name: np.array(layer.data) for layer in viewer.layers}
+    fit = run_and_wait(qtbot, w)
+    layer = viewer.layers['mixture stack residual']
+    meta = layer.metadata['mixcoef']
+    for key in ('x', 'x_stderr', 'r2', 'rmse', 'coef', 'names', 'model'):
+        assert key in meta
+    stack = viewer.layers['mixture stack'].data
+    ref1 = viewer.layers['reference 1'].data
+    ref2 = viewer.layers['reference 2'].data
+    expected = fit_stack(stack, ref1, ref2)
+    assert_allclose(meta['x'], expected.x, rtol=1e-12)
+    assert_allclose(fit.r2, expected.r2, rtol=1e-12)
+    truth = viewer.layers['mixture stack'].metadata['truth_x']
+    good = meta['r2'] > 0.95  # the sample's debris/defocus slices aside
+    assert good.sum() >= 190
+    assert np.abs(meta['x'][good] - truth[good]).max() < 0.01
+    # the residual is lazy and exact where read
+    assert type(layer.data).__name__ == 'ResidualStack'
+    i = 17
+    model_img = meta['x'][i] * ref1 + (1 - meta['x'][i]) * ref2
+    assert_allclose(np.asarray(layer.data[i]), stack[i] - model_img, atol=1e-2)
+    source = viewer.layers['mixture stack']
+    assert layer.scale.tolist() == source.scale.tolist()
+    # inputs untouched
+    for name, data in before.items():
+        assert np.array_equal(viewer.layers[name].data, data)
+    assert PLOT_DOCK_NAME in viewer.window.dock_widgets
+    screenshot = viewer.screenshot(canvas_only=False, flash=False)
+    from skimage.io import imsave
+
+    imsave(tmp_path / 'widget.png', screenshot, check_contrast=False)
+
+
+def test_rerun_replaces_output(sample_viewer, qtbot):
+    viewer, w = sample_viewer
+    run_and_wait(qtbot, w)
+    n_layers = len(viewer.layers)
+    w.model.value = 'offset'
+    fit = run_and_wait(qtbot, w)
+    assert len(viewer.layers) == n_layers
+    outputs = [layer for layer in viewer.layers if 'residual' in layer.name]
+    assert len(outputs) == 1
+    assert outputs[0].metadata['mixcoef']['model'] == 'offset'
+    assert fit.model == 'offset'
+    docks = [name for name in viewer.window.dock_widgets if 'plot' in name]
+    assert len(docks) == 1
+
+
+def test_cancel_leaves_nothing(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
+    big = rng.random((3000, 128, 128), dtype=np.float32)
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(big, name='big', contrast_limits=(0, 1))
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    assert w.stack.value.name == 'big'
+    with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
+        w.run.native.click()
+        w.cancel.native.click()
+    assert blocker.args[0] is None
+    assert 'cancelled' in w.status.value
+    assert [layer.name for layer in viewer.layers] == ['A', 'B', 'big']
+    qtbot.waitUntil(lambda: w.run.enabled, timeout=10_000)
+
+
+def test_removing_an_input_cancels(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(
+        rng.random((3000, 128, 128), dtype=np.float32),
+        name='big',
+        contrast_limits=(0, 1),
+    )
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
+        w.run.native.click()
+        viewer.layers.remove('B')
+    assert blocker.args[0] is None
+    assert 'removed' in w.status.value
+    assert [layer.name for layer in viewer.layers] == ['A', 'big']
+
+
+def test_rename_mid_run_names_output_after_the_new_name(sample_viewer, qtbot):
+    viewer, w = sample_viewer
+    with qtbot.waitSignal(w.fit_finished, timeout=60_000):
+        w.run.native.click()
+        viewer.layers['mixture stack'].name = 'renamed'
+    assert 'renamed residual' in viewer.layers
+    # the pickers show the new name
+    assert 'renamed' in [c for c in w.stack.choices] or any(
+        getattr(c, 'name', None) == 'renamed' for c in w.stack.choices
+    )
+
+
+def test_bad_form_says_what_to_do(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    w.run.native.click()
+    assert 'no stack' in w.status.value
+    viewer.add_image(np.zeros((5, 8, 8)), name='s')
+    viewer.add_image(np.ones((8, 8)), name='r')
+    w.reset_choices()
+    assert w.stack.value is viewer.layers['s']
+    w.run.native.click()
+    assert 'same layer' in w.status.value or 'pick two' in w.status.value
+
+
+def test_collinear_references_error_is_shown(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    a = np.random.default_rng(1).random((16, 16)) + 1
+    viewer.add_image(a, name='A')
+    viewer.add_image(2 * a, name='2A')
+    viewer.add_image(np.stack([a] * 5), name='s')
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    with qtbot.waitSignal(w.fit_finished, timeout=30_000) as blocker:
+        w.run.native.click()
+    assert blocker.args[0] is None
+    assert 'collinear' in w.status.value
+    assert len(viewer.layers) == 3
+
+
+def test_dask_layer_and_labels_mask(make_napari_viewer, qtbot):
+    import dask.array as da
+
+    viewer = make_napari_viewer()
+    stack, a, b, truth = make_mixture(n_slices=40, shape=(64, 64))
+    lazy = da.from_array(stack, chunks=(8, 64, 64))
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(lazy, name='lazy', contrast_limits=(0, 4000))
+    labels = np.zeros((64, 64), np.int32)
+    labels[8:56, 8:56] = 1
+    viewer.add_labels(labels, name='roi')
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    assert w.stack.value.name == 'lazy'
+    w.mask.value = viewer.layers['roi']
+    w.model.value = 'scaled'
+    fit = run_and_wait(qtbot, w)
+    expected = fit_stack(stack, a, b, model='scaled', mask=labels > 0)
+    assert_allclose(fit.x, expected.x, rtol=1e-10)
+    assert fit.n_pixels == 48 * 48
+    layer = viewer.layers['lazy residual']
+    assert layer.metadata['mixcoef']['mask'] == 'roi'
+    assert isinstance(viewer.layers['lazy'].data, da.Array)  # untouched
+
+
+def test_plot_cursor_and_slider_are_linked(sample_viewer, qtbot):
+    from matplotlib.backend_bases import MouseEvent
+
+    viewer, w = sample_viewer
+    run_and_wait(qtbot, w)
+    plot = viewer.window.dock_widgets[PLOT_DOCK_NAME]
+    viewer.dims.set_current_step(0, 123)
+    assert all(line.get_xdata()[0] == 123 for line in plot._cursor_lines)
+    plot.canvas.draw()
+    ax = plot.axes_x
+    xy = ax.transData.transform((42, float(np.mean(ax.get_ylim()))))
+    MouseEvent('button_press_event', plot.canvas, *xy, button=1)._process()
+    assert viewer.dims.current_step[0] == 42
+
+
+def test_two_leading_dims(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    stack, a, b, _ = make_mixture(n_slices=24, shape=(32, 32))
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(stack.reshape(6, 4, 32, 32), name='tz')
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    fit = run_and_wait(qtbot, w)
+    assert fit.x.shape == (6, 4)
+    assert viewer.layers['tz residual'].data.shape == (6, 4, 32, 32)
