@@ -121,7 +121,7 @@ class MixcoefWidget(Container):
         self._connect_events()
         self.reset_choices()
         # stop a running fit when the widget goes away with the viewer
-        holder = {'worker': None}
+        holder = {'worker': None, 'closed': False}
         self._holder = holder
         self.native.destroyed.connect(lambda *_: _quit(holder))
 
@@ -300,11 +300,15 @@ class MixcoefWidget(Container):
             self._worker.quit()
 
     def _on_progress(self, step) -> None:
+        if self._holder['closed']:  # the viewer closed mid-run
+            return
         done, total = step
         self.progress.max = max(total, 1)
         self.progress.value = done
 
     def _on_errored(self, err: Exception) -> None:
+        if self._holder['closed']:  # the viewer closed mid-run
+            return
         from napari.utils.notifications import show_error
 
         self._show_status(f'fit failed: {err}', error=True)
@@ -312,16 +316,22 @@ class MixcoefWidget(Container):
         self.fit_finished.emit(None)
 
     def _on_aborted(self) -> None:
+        if self._holder['closed']:  # the viewer closed mid-run
+            return
         self._show_status(self._cancel_reason or 'cancelled')
         self.fit_finished.emit(None)
 
     def _on_worker_finished(self) -> None:
+        if self._holder['closed']:  # the viewer closed mid-run
+            return
         self._worker = None
         self._holder['worker'] = None
         self.run.enabled = True
         self.cancel.enabled = False
 
     def _on_returned(self, result) -> None:
+        if self._holder['closed']:  # the viewer closed mid-run
+            return
         from qtpy.QtCore import QTimer
 
         fit, res = result
@@ -427,6 +437,7 @@ def _alive(widget) -> bool:
 
 
 def _quit(holder: dict) -> None:
+    holder['closed'] = True
     worker = holder.get('worker')
     if worker is not None:
         worker.quit()

@@ -227,3 +227,25 @@ def test_two_leading_dims(make_napari_viewer, qtbot):
     fit = run_and_wait(qtbot, w)
     assert fit.x.shape == (6, 4)
     assert viewer.layers['tz residual'].data.shape == (6, 4, 32, 32)
+
+
+def test_closing_the_viewer_mid_run_stops_the_fit(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(
+        rng.random((3000, 128, 128), dtype=np.float32),
+        name='big',
+        contrast_limits=(0, 1),
+    )
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    w.run.native.click()
+    worker = w._worker
+    assert worker is not None
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+    viewer.close()
+    qtbot.waitUntil(lambda: bool(finished), timeout=30_000)
+    assert worker.abort_requested
