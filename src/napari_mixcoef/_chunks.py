@@ -111,6 +111,13 @@ def read_runs(
     if not lead_shape:  # a single image: the whole stack is one slice
         yield 0, 1, stack[block.band][np.newaxis]
         return
+    if len(lead_shape) == 1:
+        yield (
+            0,
+            block.stop - block.start,
+            stack[block.start : block.stop, block.band],
+        )
+        return
     last = lead_shape[-1]
     i = block.start
     while i < block.stop:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -361,7 +362,15 @@ def _check_stack(stack, ref_shape: tuple[int, ...]):
 
 
 class _Kernel:
-    """Sufficient statistics of blocks, one working buffer per thread."""
+    """Per-slice sums of blocks, one working buffer per thread.
+
+    :meth:`accumulate` adds a block's sums into the rows of a ``(n, 5)``
+    float64 array; :meth:`centred_sums` turns them into ``u1ᵀy_c, u2ᵀy_c,
+    Σy_c, Σy_c²`` plus the magnitude of the largest sum behind ``Σy_c²``
+    (what the SSR guard compares with).  Each block costs two or three
+    numpy calls that release the GIL, so the Python overhead per block
+    stays far below its arithmetic.
+    """
 
     def __init__(self, stack, design: _Design, lead_shape, ref_shape):
         self.stack = stack
@@ -369,37 +378,50 @@ class _Kernel:
         self.lead_shape = lead_shape
         self.ref_shape = ref_shape
         self.row_len = math.prod(ref_shape[1:])  # pixels per reference row
-        self._buffers: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+        self._local = threading.local()
+        # float64 data stored as C-ordered slices needs neither a cast nor
+        # centring (its products with M are exact enough to centre
+        # afterwards): the kernel reads it in place, saving a pass.
+        self.rows = None
+        if design.dtype == np.float64 and design.mask is None:
+            self.rows = _as_rows(stack, math.prod(lead_shape))
+        basis = design.basis
+        if self.rows is not None:
+            basis = np.vstack([basis, design.centre.reshape(1, -1)])
+        self._basis_t = basis.T  # (n_ref, 3 or 4), F-ordered view
 
     def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
         # With a mask only the fitted pixels are ever written, so the rest
         # must start (and stay) zero: one buffer per thread and block shape.
-        import threading
-
-        key = (threading.get_ident(), (rows, *shape))
-        buf = self._buffers.get(key)
+        buffers = getattr(self._local, 'buffers', None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        key = (rows, *shape)
+        buf = buffers.get(key)
         if buf is None:
-            buf = np.zeros((rows, *shape), self.design.dtype)
-            self._buffers[key] = buf
+            buf = buffers[key] = np.zeros(key, self.design.dtype)
         return buf
+
+    def pixel_range(self, block: Block) -> slice:
+        if not self.ref_shape:
+            return slice(None)
+        start, stop, _ = block.band.indices(self.ref_shape[0])
+        return slice(start * self.row_len, stop * self.row_len)
 
     def centred(self, block: Block) -> np.ndarray:
         """Read one block and centre it on M: ``(rows, n_band_pixels)``."""
         d = self.design
         band = block.band
-        shape = (
-            (len(range(*band.indices(self.ref_shape[0]))), *self.ref_shape[1:])
-            if self.ref_shape
-            else ()
-        )
         rows = block.stop - block.start
+        shape = ()
+        if self.ref_shape:
+            n = len(range(*band.indices(self.ref_shape[0])))
+            shape = (n, *self.ref_shape[1:])
         buf = self._buffer(rows, shape)
         centre = d.centre[band] if self.ref_shape else d.centre
-        where = (
-            True
-            if d.mask is None
-            else (d.mask[band] if self.ref_shape else d.mask)
-        )
+        where = True
+        if d.mask is not None:
+            where = d.mask[band] if self.ref_shape else d.mask
         for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
             # cast + centre in one pass, straight from the source's dtype
             np.subtract(
@@ -411,25 +433,31 @@ class _Kernel:
             )
         return buf.reshape(rows, -1)
 
-    def pixel_range(self, block: Block) -> slice:
-        if not self.ref_shape:
-            return slice(None)
-        start, stop, _ = block.band.indices(self.ref_shape[0])
-        return slice(start * self.row_len, stop * self.row_len)
+    def accumulate(self, block: Block, out: np.ndarray) -> None:
+        """Add the block's sums to ``out[block.start:block.stop]``."""
+        px = self.pixel_range(block)
+        if self.rows is not None:
+            y = self.rows[block.start : block.stop, px]
+        else:
+            y = self.centred(block)
+        k = self._basis_t.shape[1]
+        # np.dot (not @: numpy's matmul keeps the GIL) runs one small BLAS
+        # GEMM against the transposed basis without copying it.
+        out[block.start : block.stop, :k] += np.dot(y, self._basis_t[px])
+        out[block.start : block.stop, 4] += np.vecdot(y, y)
 
-    def stats(self, block: Block) -> np.ndarray:
-        """Return ``(rows, 4)`` float64: ``u1ᵀy_c, u2ᵀy_c, Σy_c, Σy_c²``."""
-        yc = self.centred(block)
-        basis = self.design.basis[:, self.pixel_range(block)]
-        out = np.empty((yc.shape[0], 4))
-        # Three BLAS GEMVs beat one GEMM with three columns (which packs
-        # the whole block first) by 4× here; one BLAS dot per row for the
-        # sum of squares beats einsum by 2.5×.
-        for j in range(3):
-            out[:, j] = yc @ basis[j]
-        for i, row in enumerate(yc):
-            out[i, 3] = row @ row
-        return out
+    def centred_sums(self, sums: np.ndarray) -> np.ndarray:
+        """Turn accumulated sums into centred ones (in place), see above."""
+        if self.rows is None:
+            sums[:, 3] = sums[:, 4]
+            return sums
+        # Sums over raw float64 y: Σ(y − M)² = Σy² − 2 Mᵀy + MᵀM, and so on.
+        basis = self._basis_t.T
+        with_centre = basis @ self.design.centre.reshape(-1)
+        with np.errstate(invalid='ignore'):  # inf data is reported later
+            sums[:, :3] -= with_centre[:3]
+            sums[:, 3] = sums[:, 4] - 2 * sums[:, 3] + with_centre[3]
+        return sums
 
     def exact_ssr(self, block: Block, delta_basis: np.ndarray) -> np.ndarray:
         """Σ (y_c − basis·δ)² per row, from the explicit residuals."""
@@ -437,11 +465,44 @@ class _Kernel:
         basis = self.design.basis[:, self.pixel_range(block)]
         # Pixels outside the mask are zero in both yc and the basis.
         resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
-        return np.einsum('ij,ij->i', resid, resid)
+        return np.vecdot(resid, resid)
+
+
+def _as_rows(stack, n_slices: int) -> np.ndarray | None:
+    """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""
+    if not isinstance(stack, np.ndarray) or stack.dtype != np.float64:
+        return None
+    try:
+        return stack.reshape((n_slices, -1), copy=False)
+    except (ValueError, TypeError):  # a copy would be needed
+        return None
 
 
 def _n_threads() -> int:
     return max(1, min(2, os.cpu_count() or 1))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_BLAS = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool_and_blas():
+    """Return the shared chunk threads and BLAS controller (made once).
+
+    Starting threads and scanning the loaded libraries for BLAS take
+    longer than fitting a small stack, so both are kept between fits.
+    """
+    global _POOL, _BLAS
+    with _POOL_LOCK:
+        if _POOL is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+            _POOL = ThreadPoolExecutor(
+                _n_threads(), thread_name_prefix='mixcoef'
+            )
+    return _POOL, _BLAS
 
 
 def _fit_steps(
@@ -474,59 +535,71 @@ def _fit_steps(
         align=storage_chunk_length(stack),
     )
     kernel = _Kernel(stack, design, lead_shape, ref_shape)
-    raw = np.empty((n_slices, 4))
+    raw = np.zeros((n_slices, 5))
+    stop_event = threading.Event()
 
-    def run_group(group: list[Block]) -> np.ndarray:
-        return sum(kernel.stats(block) for block in group)
+    def run_task(task: list[list[Block]]) -> None:
+        # Threads get runs of many blocks: a pool task costs tens of µs,
+        # as much as the work on one cache-sized block.
+        for group in task:
+            if stop_event.is_set():
+                return
+            for block in group:
+                kernel.accumulate(block, raw)
 
+    tasks = _batch(groups, design.dtype.itemsize, chunk_bytes)
     yield 0, n_slices
-    # BLAS runs single-threaded inside our two chunk threads: nested
-    # threading would only oversubscribe the cores.
-    from threadpoolctl import threadpool_limits
-
-    with (
-        threadpool_limits(limits=1, user_api='blas'),
-        ThreadPoolExecutor(_n_threads(), thread_name_prefix='mixcoef') as pool,
-    ):
-        pending = []
+    pool, blas = _pool_and_blas()
+    # BLAS runs single-threaded inside our chunk threads: nested threading
+    # would only oversubscribe the cores.
+    with blas.limit(limits=1, user_api='blas'):
+        futures = [pool.submit(run_task, task) for task in tasks]
         try:
-            it = iter(groups)
-            for group in it:
-                pending.append((group, pool.submit(run_group, group)))
-                if len(pending) < 2 * _n_threads():
-                    continue
-                group, fut = pending.pop(0)
-                _store(raw, group, fut.result(), lead_shape)
-                yield group[0].stop, n_slices
-            for group, fut in pending:
-                _store(raw, group, fut.result(), lead_shape)
-                yield group[0].stop, n_slices
-            pending = []
+            for task, fut in zip(tasks, futures):
+                fut.result()
+                start, stop = task[0][0].start, task[-1][0].stop
+                _check_finite(raw[start:stop], start, lead_shape)
+                yield stop, n_slices
         finally:
-            for _, fut in pending:
+            # a closed generator (cancelled fit) stops the other tasks too,
+            # and waits for the running ones: they write into `raw`
+            stop_event.set()
+            for fut in futures:
                 fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+    kernel.centred_sums(raw)
 
     delta, ssr = _solve(raw, design)
     # Guard the SSR shortcut where it cancels (R² ≈ 1): recompute those
     # slices from their explicit residuals, a second pass over them only.
-    suspect = ssr < _GUARD[design.dtype] * raw[:, 3]
+    suspect = ssr < _GUARD[design.dtype] * raw[:, 4]
     if suspect.any():
         delta_basis = delta @ design.transform.T  # δ in the basis, (n, 3)
         for group in groups:
             start, stop = group[0].start, group[0].stop
             rows = suspect[start:stop]
             if rows.any():
-                exact = sum(
-                    kernel.exact_ssr(block, delta_basis[start:stop])
-                    for block in group
-                )
+                exact = kernel.exact_ssr(group[0], delta_basis[start:stop])
+                for block in group[1:]:
+                    exact += kernel.exact_ssr(block, delta_basis[start:stop])
                 ssr[start:stop][rows] = exact[rows]
     return _statistics(raw, delta, ssr, design, lead_shape)
 
 
-def _store(raw, group, values, lead_shape) -> None:
-    start, stop = group[0].start, group[0].stop
-    q = values[:, 3]
+def _batch(groups, itemsize: int, chunk_bytes) -> list[list[list[Block]]]:
+    """Split row groups into runs of ~16 chunk budgets of work each.
+
+    Few enough that pool overhead vanishes, many enough (≥ 8 when there
+    is work for it) for progress, cancellation and load balance.
+    """
+    per_task = max(1, min(16, len(groups) // 8))
+    return [groups[i : i + per_task] for i in range(0, len(groups), per_task)]
+
+
+def _check_finite(values: np.ndarray, start: int, lead_shape) -> None:
+    q = values[:, 4]
     if not np.isfinite(q).all():
         bad = start + int(np.flatnonzero(~np.isfinite(q))[0])
         index = tuple(int(i) for i in np.unravel_index(bad, lead_shape))
@@ -535,7 +608,6 @@ def _store(raw, group, values, lead_shape) -> None:
             'pixels; replace them (e.g. np.nan_to_num) or leave those '
             'pixels out with mask='
         )
-    raw[start:stop] = values
 
 
 def _solve(raw: np.ndarray, design: _Design):
