@@ -189,3 +189,122 @@ def test_console_script_end_to_end(files):
     assert bad.returncode == 2
     assert bad.stderr.strip().count('\n') == 0
     assert 'nope.npy' in bad.stderr
+
+
+def make_batch(path, n=3):
+    stacks = []
+    for i in range(n):
+        stack, a, b, _ = make_stack(lead=(10 + i,), noise=5.0, seed=0)
+        stack = np.clip(stack + i, 0, None).astype(np.uint16)
+        np.save(path / f'run{i}.npy', stack)
+        stacks.append(stack)
+    np.save(path / 'ref_a.npy', a)
+    np.save(path / 'ref_b.npy', b)
+    return stacks, a, b
+
+
+def test_batch_glob_one_csv_with_file_column(tmp_path, capsys):
+    stacks, a, b = make_batch(tmp_path)
+    bad = stacks[0].astype(np.float32)
+    bad[4, 1, 1] = np.nan
+    np.save(tmp_path / 'run9.npy', bad)
+    (tmp_path / 'run8.npy').write_bytes(b'not an npy file')
+    out = tmp_path / 'all.csv'
+    code = main(
+        [
+            'fit',
+            str(tmp_path / 'run*.npy'),
+            '--ref1',
+            str(tmp_path / 'ref_a.npy'),
+            '--ref2',
+            str(tmp_path / 'ref_b.npy'),
+            '--csv',
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1  # some failed
+    assert 'run9.npy' in err and 'NaN' in err
+    assert 'run8.npy' in err
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith('file,index_0,x,x_stderr')
+    assert len(lines) == 1 + 10 + 11 + 12
+    files = [line.split(',')[0] for line in lines[1:]]
+    assert files[0].endswith('run0.npy') and files[-1].endswith('run2.npy')
+    x = np.array([float(line.split(',')[2]) for line in lines[1:]])
+    expected = np.concatenate([fit_stack(s, a, b).x for s in stacks])
+    assert_allclose(x, expected, rtol=1e-8)
+
+
+def test_batch_all_bad_exits_2_and_residual_needs_one_stack(tmp_path, capsys):
+    make_batch(tmp_path, n=2)
+    common = [
+        '--ref1',
+        str(tmp_path / 'ref_a.npy'),
+        '--ref2',
+        str(tmp_path / 'ref_a.npy'),
+        '--csv',
+        str(tmp_path / 'o.csv'),
+    ]
+    assert main(['fit', str(tmp_path / 'run*.npy'), *common]) == 2
+    assert 'collinear' in capsys.readouterr().err
+    assert main(['fit', str(tmp_path / 'nothing*.npy'), *common]) == 2
+    assert 'no file matches' in capsys.readouterr().err
+    code = main(
+        [
+            'fit',
+            str(tmp_path / 'run0.npy'),
+            str(tmp_path / 'run1.npy'),
+            '--ref1',
+            str(tmp_path / 'ref_a.npy'),
+            '--ref2',
+            str(tmp_path / 'ref_b.npy'),
+            '--csv',
+            str(tmp_path / 'o.csv'),
+            '--residual',
+            str(tmp_path / 'r.npy'),
+        ]
+    )
+    assert code == 2
+    assert 'single stack' in capsys.readouterr().err
+
+
+def test_batch_on_a_distributed_scheduler(tmp_path):
+    distributed = pytest.importorskip('distributed')
+    stacks, a, b = make_batch(tmp_path, n=2)
+    tifffile.imwrite(tmp_path / 'run5.tif', stacks[1], compression='zlib')
+    out = tmp_path / 'dist.csv'
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=40,
+    ) as cluster:
+        code = main(
+            [
+                'fit',
+                str(tmp_path / 'run*'),
+                '--ref1',
+                str(tmp_path / 'ref_a.npy'),
+                '--ref2',
+                str(tmp_path / 'ref_b.npy'),
+                '--model',
+                'offset',
+                '--csv',
+                str(out),
+                '--scheduler',
+                cluster.scheduler_address,
+            ]
+        )
+    assert code == 0
+    table = out.read_text().splitlines()
+    assert len(table) == 1 + 10 + 11 + 11
+    x = np.array([float(line.split(',')[2]) for line in table[1:]])
+    expected = np.concatenate(
+        [
+            fit_stack(s, a, b, model='offset').x
+            for s in (stacks[0], stacks[1], stacks[1])
+        ]
+    )
+    assert_allclose(x, expected, rtol=1e-6)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
+import os
 import sys
 import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from .core import MODELS
 
@@ -52,7 +57,13 @@ def _parser() -> argparse.ArgumentParser:
         'free combination) and write one CSV row per slice. STACK, R1, R2 '
         'and M are .npy, .tif/.tiff or .zarr files.',
     )
-    fit.add_argument('stack', metavar='STACK')
+    fit.add_argument(
+        'stacks',
+        nargs='+',
+        metavar='STACK',
+        help='stack file(s); a glob pattern (quoted) fits every match into '
+        'one CSV with a "file" column',
+    )
     fit.add_argument('--ref1', required=True, metavar='R1')
     fit.add_argument('--ref2', required=True, metavar='R2')
     fit.add_argument('--model', choices=list(MODELS), default='mix')
@@ -63,7 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         '--residual',
         metavar='OUT',
-        help='also write the residual stack (.npy/.tif/.zarr)',
+        help='also write the residual stack (.npy/.tif/.zarr); one stack only',
+    )
+    fit.add_argument(
+        '--scheduler',
+        metavar='ADDRESS',
+        help='run on an existing dask.distributed cluster (its workers '
+        'must see the files)',
     )
     demo = sub.add_parser(
         'demo',
@@ -79,29 +96,105 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_fit(args: argparse.Namespace) -> None:
-    from . import _io
-    from .core import fit_stack, residuals
+def _expand(patterns: Sequence[str]) -> tuple[list[str], bool]:
+    """Files named by the STACK arguments, and whether it is a batch."""
+    files: list[str] = []
+    batch = len(patterns) > 1
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            batch = True
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise ValueError(f'no file matches {pattern!r}')
+            files += matches
+        else:
+            files.append(pattern)
+    return files, batch
 
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from . import _io
+    from .core import fit_stack, residuals, write_csv
+
+    files, batch = _expand(args.stacks)
+    if batch and args.residual:
+        raise ValueError('--residual needs a single stack, not a batch')
     ref1 = _io.read_image(args.ref1)
     ref2 = _io.read_image(args.ref2)
     mask = _io.read_image(args.mask) if args.mask else None
-    with _io.opened(args.stack) as stack:
-        fit = fit_stack(
-            stack,
-            ref1,
-            ref2,
-            model=args.model,
-            mask=mask,
-            progress=_ProgressBar('fitting'),
-        )
-        fit.to_csv(args.csv)
-        if args.residual:
-            _io.write_stack(
-                residuals(stack, ref1, ref2, fit),
-                args.residual,
-                progress=_ProgressBar('residual'),
+    client = None
+    if args.scheduler:
+        from distributed import Client
+
+        client = Client(args.scheduler)
+    try:
+        tables, failed = [], 0
+        for path in files:
+            label = os.path.basename(path) if batch else 'fitting'
+            try:
+                with contextlib.ExitStack() as files_open:
+                    if client is not None:
+                        stack = _io.open_dask(path)
+                    else:
+                        stack = files_open.enter_context(_io.opened(path))
+                    fit = fit_stack(
+                        stack,
+                        ref1,
+                        ref2,
+                        model=args.model,
+                        mask=mask,
+                        progress=_ProgressBar(label),
+                    )
+                    if args.residual:
+                        _io.write_stack(
+                            residuals(stack, ref1, ref2, fit),
+                            args.residual,
+                            progress=_ProgressBar('residual'),
+                        )
+            except (ValueError, TypeError, OSError) as err:
+                if not batch:
+                    raise
+                failed += 1
+                _report(f'{path}: {err}')
+                continue
+            tables.append((path, fit.table()))
+        if not tables:
+            raise ValueError(
+                f'none of the {len(files)} stacks could be fitted'
             )
+        if batch:
+            write_csv(args.csv, _concat(tables))
+        else:
+            write_csv(args.csv, tables[0][1])
+    finally:
+        if client is not None:
+            client.close()
+    return 1 if failed else 0
+
+
+def _concat(tables) -> dict[str, np.ndarray]:
+    """One table with a leading "file" column from per-file tables."""
+    names = ['file']
+    for _, table in tables:
+        names += [n for n in table if n not in names]
+    out = {}
+    for name in names:
+        parts = []
+        for path, table in tables:
+            n = len(next(iter(table.values())))
+            if name == 'file':
+                parts.append(np.full(n, path, dtype=object))
+            elif name in table:
+                parts.append(table[name].astype(object))
+            else:  # another file had more leading dimensions
+                parts.append(np.full(n, '', dtype=object))
+        out[name] = np.concatenate(parts) if parts else np.array([])
+    return out
+
+
+def _report(message: str) -> None:
+    message = message.splitlines()[0] if message else 'failed'
+    print(f'{PROG}: error: {message}', file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,16 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == 'fit':
-            _run_fit(args)
-        else:
-            from ._demo import run_demo
+            return _run_fit(args)
+        from ._demo import run_demo
 
-            return run_demo(screenshot=args.screenshot)
+        return run_demo(screenshot=args.screenshot)
     except (ValueError, TypeError, OSError) as err:
-        message = str(err).splitlines()[0] if str(err) else repr(err)
-        print(f'{PROG}: error: {message}', file=sys.stderr)
+        _report(str(err) or repr(err))
         return 2
-    return 0
 
 
 if __name__ == '__main__':

@@ -79,9 +79,7 @@ def _open_tiff(name: str, files: contextlib.ExitStack):
 
 
 def _open_zarr(name: str):
-    import zarr
-
-    node = zarr.open(name, mode='r')
+    node = _open_zarr_node(name)
     if hasattr(node, 'shape'):
         return node
     arrays = list(node.arrays())
@@ -165,3 +163,63 @@ def write_stack(
 
         big = math.prod(shape) * dtype.itemsize > 2**31
         tifffile.imwrite(name, pages(), shape=shape, dtype=dtype, bigtiff=big)
+
+
+class FileArray:
+    """A stack file opened afresh on each read; pickles as its path only.
+
+    For a dask.distributed cluster: the workers read their own blocks from
+    the file instead of receiving the data from the client.  It needs a
+    path the workers can see (a shared file system, or a local cluster).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        with opened(self.path) as array:
+            self.shape = tuple(array.shape)
+            self.dtype = np.dtype(array.dtype)
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key) -> np.ndarray:
+        with opened(self.path) as array:
+            return np.asarray(array[key])
+
+
+def open_dask(path: str | os.PathLike, *, chunk_bytes: int = 32 << 20):
+    """Open a stack file as a dask array that a cluster can read itself.
+
+    Parameters
+    ----------
+    path : str or path-like
+        ``.npy``, ``.tif/.tiff`` or ``.zarr``.
+    chunk_bytes : int
+        Target size of a block along the first axis (zarr keeps its own
+        chunks).
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy; its tasks open the file by path.
+    """
+    import dask.array as da
+
+    name = os.fspath(path)
+    if _suffix(name) == '.zarr':
+        with opened(name):  # checks the path: one array, readable
+            pass
+        node = _open_zarr_node(name)
+        component = (
+            None if hasattr(node, 'shape') else next(iter(node.array_keys()))
+        )
+        return da.from_zarr(name, component=component)
+    lazy = FileArray(name)
+    slice_bytes = max(1, math.prod(lazy.shape[1:]) * lazy.dtype.itemsize)
+    rows = max(1, chunk_bytes // slice_bytes)
+    chunks = (rows,) + lazy.shape[1:] if lazy.shape else ()
+    return da.from_array(lazy, chunks=chunks, asarray=True, name=False)
+
+
+def _open_zarr_node(name: str):
+    import zarr
+
+    return zarr.open(name, mode='r')

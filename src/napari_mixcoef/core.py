@@ -51,8 +51,9 @@ from ._chunks import (
     read_runs,
     storage_chunk_length,
 )
+from ._dask import dask_residuals, dask_sums, is_dask
 
-__all__ = ['MODELS', 'MixFit', 'fit_stack', 'residuals']
+__all__ = ['MODELS', 'MixFit', 'fit_stack', 'residuals', 'write_csv']
 
 #: Coefficient names of each model.
 MODELS: dict[str, tuple[str, ...]] = {
@@ -144,15 +145,30 @@ class MixFit:
         path : str or path-like
             Output file; columns as in :meth:`table`.
         """
-        columns = self.table()
-        names = list(columns)
-        ints = [name.startswith('index_') for name in names]
-        data = np.column_stack([columns[name] for name in names])
-        fmt = ['%d' if is_int else '%.10g' for is_int in ints]
-        with open(path, 'w', newline='') as f:
-            f.write(','.join(names) + '\n')
-            if len(data):
-                np.savetxt(f, data, fmt=fmt, delimiter=',')
+        write_csv(path, self.table())
+
+
+def write_csv(path: str | os.PathLike, columns: dict[str, ArrayLike]) -> None:
+    """Write equal-length columns to a CSV file with a header row.
+
+    Integers are written as such, floats with 10 significant digits (NaN
+    as ``nan``), anything else as text (quoted where needed).
+    """
+    import csv
+
+    cells = []
+    for values in columns.values():
+        values = np.asarray(values)
+        if values.dtype.kind in 'iub':
+            cells.append(values.astype(np.int64).astype(str))
+        elif values.dtype.kind == 'f':
+            cells.append(np.char.mod('%.10g', values))
+        else:
+            cells.append(values.astype(str))
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f, lineterminator='\n')
+        writer.writerow(list(columns))
+        writer.writerows(zip(*cells))
 
 
 @dataclass(frozen=True, eq=False)
@@ -505,6 +521,46 @@ def _pool_and_blas():
     return _POOL, _BLAS
 
 
+def _thread_sums(kernel, groups, raw, lead_shape, n_slices):
+    """Fill ``raw`` with every block's sums on the chunk threads.
+
+    Yields ``(done_slices, total_slices)`` as runs of blocks finish.
+    """
+    stop_event = threading.Event()
+
+    def run_task(task: list[list[Block]]) -> None:
+        # Threads get runs of many blocks: a pool task costs tens of µs,
+        # as much as the work on one cache-sized block.
+        for group in task:
+            if stop_event.is_set():
+                return
+            for block in group:
+                kernel.accumulate(block, raw)
+
+    tasks = _batch(groups)
+    yield 0, n_slices
+    pool, blas = _pool_and_blas()
+    # BLAS runs single-threaded inside our chunk threads: nested threading
+    # would only oversubscribe the cores.
+    with blas.limit(limits=1, user_api='blas'):
+        futures = [pool.submit(run_task, task) for task in tasks]
+        try:
+            for task, fut in zip(tasks, futures):
+                fut.result()
+                start, stop = task[0][0].start, task[-1][0].stop
+                _check_finite(raw[start:stop], start, lead_shape)
+                yield stop, n_slices
+        finally:
+            # a closed generator (cancelled fit) stops the other tasks too,
+            # and waits for the running ones: they write into `raw`
+            stop_event.set()
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+
+
 def _fit_steps(
     stack,
     ref1,
@@ -536,39 +592,12 @@ def _fit_steps(
     )
     kernel = _Kernel(stack, design, lead_shape, ref_shape)
     raw = np.zeros((n_slices, 5))
-    stop_event = threading.Event()
-
-    def run_task(task: list[list[Block]]) -> None:
-        # Threads get runs of many blocks: a pool task costs tens of µs,
-        # as much as the work on one cache-sized block.
-        for group in task:
-            if stop_event.is_set():
-                return
-            for block in group:
-                kernel.accumulate(block, raw)
-
-    tasks = _batch(groups, design.dtype.itemsize, chunk_bytes)
-    yield 0, n_slices
-    pool, blas = _pool_and_blas()
-    # BLAS runs single-threaded inside our chunk threads: nested threading
-    # would only oversubscribe the cores.
-    with blas.limit(limits=1, user_api='blas'):
-        futures = [pool.submit(run_task, task) for task in tasks]
-        try:
-            for task, fut in zip(tasks, futures):
-                fut.result()
-                start, stop = task[0][0].start, task[-1][0].stop
-                _check_finite(raw[start:stop], start, lead_shape)
-                yield stop, n_slices
-        finally:
-            # a closed generator (cancelled fit) stops the other tasks too,
-            # and waits for the running ones: they write into `raw`
-            stop_event.set()
-            for fut in futures:
-                fut.cancel()
-            for fut in futures:
-                if not fut.cancelled():
-                    fut.exception()
+    if is_dask(stack):
+        # block-wise on the active dask scheduler, never gathered here
+        raw = yield from dask_sums(stack, design, lead_shape)
+        _check_finite(raw, 0, lead_shape)
+    else:
+        yield from _thread_sums(kernel, groups, raw, lead_shape, n_slices)
     kernel.centred_sums(raw)
 
     delta, ssr = _solve(raw, design)
@@ -588,7 +617,7 @@ def _fit_steps(
     return _statistics(raw, delta, ssr, design, lead_shape)
 
 
-def _batch(groups, itemsize: int, chunk_bytes) -> list[list[list[Block]]]:
+def _batch(groups) -> list[list[list[Block]]]:
     """Split row groups into runs of ~16 chunk budgets of work each.
 
     Few enough that pool overhead vanishes, many enough (≥ 8 when there
@@ -735,6 +764,36 @@ def fit_stack(
         return stop.value
 
 
+def model_images(model: str, coef, ref1, ref2, dtype) -> np.ndarray:
+    """Model images for coefficients of shape ``(..., k)``.
+
+    Parameters
+    ----------
+    model : str
+        A key of :data:`MODELS`.
+    coef : (..., k) ndarray
+        Coefficients, one row per slice.
+    ref1, ref2 : (*ref.shape) ndarray
+        The references A and B.
+    dtype : dtype
+        Working float type of the result.
+
+    Returns
+    -------
+    (..., *ref.shape) ndarray
+        ``x·A + (1−x)·B``, ``a·A + b·B`` or ``a·A + b·B + c``.
+    """
+    c = np.asarray(coef).astype(dtype)
+    a, b = np.asarray(ref1, dtype), np.asarray(ref2, dtype)
+    expand = (Ellipsis,) + (np.newaxis,) * a.ndim
+    if model == 'mix':
+        return b + c[..., 0][expand] * (a - b)
+    out = c[..., 0][expand] * a + c[..., 1][expand] * b
+    if model == 'offset':
+        out = out + c[..., 2][expand]
+    return out
+
+
 class ResidualStack:
     """Lazy residual ``I − model`` of a fitted stack, float32.
 
@@ -766,20 +825,6 @@ class ResidualStack:
     def __repr__(self) -> str:
         return f'ResidualStack(shape={self.shape}, dtype=float32)'
 
-    def _model(self, coef: np.ndarray) -> np.ndarray:
-        """Model images for coefficients of shape (..., k)."""
-        c = coef.astype(self._work)
-        extra = (np.newaxis,) * self._ref1.ndim
-        a, b = self._ref1, self._ref2
-        if self._fit.model == 'mix':
-            x = c[..., 0][(Ellipsis, *extra)]
-            return b + x * (a - b)
-        out = c[..., 0][(Ellipsis, *extra)] * a
-        out = out + c[..., 1][(Ellipsis, *extra)] * b
-        if self._fit.model == 'offset':
-            out = out + c[..., 2][(Ellipsis, *extra)]
-        return out
-
     def __getitem__(self, key) -> np.ndarray:
         if not isinstance(key, tuple):
             key = (key,)
@@ -793,7 +838,9 @@ class ResidualStack:
         lead_key, ref_key = key[: self._lead_ndim], key[self._lead_ndim :]
         data = as_numpy(self._stack[lead_key])
         coef = self._fit.coef[lead_key]
-        model = self._model(coef)
+        model = model_images(
+            self._fit.model, coef, self._ref1, self._ref2, self._work
+        )
         res = np.subtract(data, model, dtype=self._work)
         res = res.astype(np.float32, copy=False)
         kept = res.ndim - self._ref1.ndim
@@ -840,4 +887,6 @@ def residuals(
             'ref1/ref2 differ from the references of the fit; pass the '
             'references that were fitted'
         )
+    if is_dask(stack):
+        return dask_residuals(stack, fit)
     return ResidualStack(stack, fit)
