@@ -388,12 +388,16 @@ class _Kernel:
     stays far below its arithmetic.
     """
 
-    def __init__(self, stack, design: _Design, lead_shape, ref_shape):
+    def __init__(
+        self, stack, design: _Design, lead_shape, ref_shape, chunk_bytes
+    ):
         self.stack = stack
         self.design = design
         self.lead_shape = lead_shape
         self.ref_shape = ref_shape
         self.row_len = math.prod(ref_shape[1:])  # pixels per reference row
+        slice_bytes = math.prod(ref_shape) * design.dtype.itemsize
+        self.sub_rows = max(1, chunk_bytes // max(1, slice_bytes))
         self._local = threading.local()
         # float64 data stored as C-ordered slices needs neither a cast nor
         # centring (its products with M are exact enough to centre
@@ -424,43 +428,64 @@ class _Kernel:
         start, stop, _ = block.band.indices(self.ref_shape[0])
         return slice(start * self.row_len, stop * self.row_len)
 
+    def _centre_and_where(self, band: slice):
+        d = self.design
+        if not self.ref_shape:
+            return d.centre, True if d.mask is None else d.mask
+        where = True if d.mask is None else d.mask[band]
+        return d.centre[band], where
+
+    def _band_shape(self, band: slice) -> tuple[int, ...]:
+        if not self.ref_shape:
+            return ()
+        n = len(range(*band.indices(self.ref_shape[0])))
+        return (n, *self.ref_shape[1:])
+
+    def _centred_pieces(self, block: Block):
+        """Yield ``(row0, y_c)`` for cache-sized runs of the block's rows.
+
+        Each storage read (a zarr chunk can hold many slices) is cast and
+        centred a few slices at a time into the thread's buffer, so the
+        products that follow read it from the L2 cache.
+        """
+        centre, where = self._centre_and_where(block.band)
+        shape = self._band_shape(block.band)
+        for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
+            piece = as_numpy(piece)
+            for s0 in range(0, r1 - r0, self.sub_rows):
+                sub = piece[s0 : s0 + self.sub_rows]
+                buf = self._buffer(len(sub), shape)
+                # cast + centre in one pass, straight from the source dtype
+                np.subtract(
+                    sub, centre, out=buf, where=where, casting='unsafe'
+                )
+                yield r0 + s0, buf.reshape(len(sub), -1)
+
     def centred(self, block: Block) -> np.ndarray:
         """Read one block and centre it on M: ``(rows, n_band_pixels)``."""
-        d = self.design
-        band = block.band
         rows = block.stop - block.start
-        shape = ()
-        if self.ref_shape:
-            n = len(range(*band.indices(self.ref_shape[0])))
-            shape = (n, *self.ref_shape[1:])
-        buf = self._buffer(rows, shape)
-        centre = d.centre[band] if self.ref_shape else d.centre
-        where = True
-        if d.mask is not None:
-            where = d.mask[band] if self.ref_shape else d.mask
-        for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
-            # cast + centre in one pass, straight from the source's dtype
-            np.subtract(
-                as_numpy(piece),
-                centre,
-                out=buf[r0:r1],
-                where=where,
-                casting='unsafe',
-            )
-        return buf.reshape(rows, -1)
+        out = np.zeros(
+            (rows, math.prod(self._band_shape(block.band))), self.design.dtype
+        )
+        for r0, yc in self._centred_pieces(block):
+            out[r0 : r0 + len(yc)] = yc
+        return out
 
     def accumulate(self, block: Block, out: np.ndarray) -> None:
         """Add the block's sums to ``out[block.start:block.stop]``."""
         px = self.pixel_range(block)
+        basis_t = self._basis_t[px]
+        k = basis_t.shape[1]
         if self.rows is not None:
-            y = self.rows[block.start : block.stop, px]
+            pieces = [(0, self.rows[block.start : block.stop, px])]
         else:
-            y = self.centred(block)
-        k = self._basis_t.shape[1]
-        # np.dot (not @: numpy's matmul keeps the GIL) runs one small BLAS
-        # GEMM against the transposed basis without copying it.
-        out[block.start : block.stop, :k] += np.dot(y, self._basis_t[px])
-        out[block.start : block.stop, 4] += np.vecdot(y, y)
+            pieces = self._centred_pieces(block)
+        for r0, y in pieces:
+            rows = slice(block.start + r0, block.start + r0 + len(y))
+            # np.dot (not @: numpy's matmul keeps the GIL) runs one small
+            # BLAS GEMM against the transposed basis without copying it.
+            out[rows, :k] += np.dot(y, basis_t)
+            out[rows, 4] += np.vecdot(y, y)
 
     def centred_sums(self, sums: np.ndarray) -> np.ndarray:
         """Turn accumulated sums into centred ones (in place), see above."""
@@ -590,7 +615,8 @@ def _fit_steps(
         chunk_bytes or DEFAULT_CHUNK_BYTES,
         align=storage_chunk_length(stack),
     )
-    kernel = _Kernel(stack, design, lead_shape, ref_shape)
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
+    kernel = _Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
     raw = np.zeros((n_slices, 5))
     if is_dask(stack):
         # block-wise on the active dask scheduler, never gathered here
