@@ -84,7 +84,7 @@ def test_matches_per_slice_lstsq(model, dtype, rtol, use_mask):
         mask[:5] = False
         mask[:, -3:] = False
         stack[:, 0, 0] = 60000 if dtype == np.uint16 else 1e6  # ignored
-    fit = fit_stack(stack, a, b, model=model, mask=mask)
+    fit = fit_stack(stack, a, b, model=model, mask=mask, stderr='ols')
     assert fit.model == model
     assert fit.names == MODELS[model]
     assert fit.n_pixels == (a.size if mask is None else mask.sum())
@@ -95,7 +95,7 @@ def test_matches_per_slice_lstsq(model, dtype, rtol, use_mask):
 @pytest.mark.parametrize('model', list(MODELS))
 def test_two_leading_dims(model):
     stack, a, b, _ = make_stack(lead=(6, 5), noise=8.0)
-    fit = fit_stack(stack, a, b, model=model)
+    fit = fit_stack(stack, a, b, model=model, stderr='ols')
     assert fit.x.shape == (6, 5)
     assert fit.coef.shape == (6, 5, len(MODELS[model]))
     assert_fit_matches(fit, lstsq_reference(stack, a, b, model), 1e-8)
@@ -108,7 +108,7 @@ def test_three_d_references_and_4d_stack():
     x = rng.uniform(0.4, 0.7, 7)
     stack = x[:, None, None, None] * a + (1 - x[:, None, None, None]) * b
     stack += rng.normal(0, 0.05, stack.shape)
-    fit = fit_stack(stack, a, b)
+    fit = fit_stack(stack, a, b, stderr='ols')
     assert fit.x.shape == (7,)
     assert_fit_matches(fit, lstsq_reference(stack, a, b, 'mix'), 1e-8)
     # the same stack seen with 2-D references has 7×4 slices
@@ -232,7 +232,7 @@ def test_monte_carlo_matches_cramer_rao_and_covers():
     x = rng.uniform(0.4, 0.7, n)
     stack = x[:, None, None] * a + (1 - x[:, None, None]) * b
     stack = (stack + rng.normal(0, sigma, stack.shape)).astype(np.float32)
-    fit = fit_stack(stack, a, b)
+    fit = fit_stack(stack, a, b, stderr='ols')
     bound = sigma / np.linalg.norm(a - b)
     spread = np.std(fit.x - x)
     assert abs(spread / bound - 1) < 0.05

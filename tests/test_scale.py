@@ -46,7 +46,8 @@ def test_dask_two_leading_dims_uint16_and_progress():
         model='offset',
         progress=lambda d, t: calls.append(d),
     )
-    assert_allclose(fit.coef, expected.coef, rtol=1e-6, atol=1e-6)
+    # float32 sums in another order: agree to 1e-4 of a standard error
+    assert np.all(np.abs(fit.coef - expected.coef) <= 1e-4 * expected.stderr)
     assert_allclose(fit.r2, expected.r2, rtol=1e-7)
     assert calls[0] == 0 and calls[-1] == 30 and calls == sorted(calls)
 

@@ -9,6 +9,21 @@ try:
 except ImportError:  # running from a source tree that was never installed
     __version__ = 'unknown'
 
-from .core import MODELS, MixFit, fit_stack, residuals
+from ._design import CollinearityWarning
+from .core import (
+    MODELS,
+    MixFit,
+    fit_stack,
+    reference_diagnostics,
+    residuals,
+)
 
-__all__ = ['MODELS', 'MixFit', '__version__', 'fit_stack', 'residuals']
+__all__ = [
+    'MODELS',
+    'CollinearityWarning',
+    'MixFit',
+    '__version__',
+    'fit_stack',
+    'reference_diagnostics',
+    'residuals',
+]

@@ -58,6 +58,7 @@ def plan_blocks(
     itemsize: int,
     chunk_bytes: int,
     align: int = 1,
+    bands: bool = True,
 ) -> list[list[Block]]:
     """Split a stack into row groups, each a list of bands.
 
@@ -72,6 +73,9 @@ def plan_blocks(
     align : int
         Storage chunk length along axis 0; row groups of a 1-D lead are
         whole multiples of it, so each storage chunk is read once.
+    bands : bool
+        Whether a slice larger than the budget may be split into bands of
+        rows (estimators that need whole slices say no).
 
     Returns
     -------
@@ -84,7 +88,7 @@ def plan_blocks(
     rows = max(1, chunk_bytes // slice_bytes)
     if len(lead_shape) == 1 and align > 1:
         rows = align * max(1, rows // align)
-    if rows == 1 and slice_bytes > chunk_bytes and ref_shape:
+    if bands and rows == 1 and slice_bytes > chunk_bytes and ref_shape:
         n_bands = min(ref_shape[0], math.ceil(slice_bytes / chunk_bytes))
         edges = np.linspace(0, ref_shape[0], n_bands + 1).astype(int)
         bands = [slice(int(a), int(b)) for a, b in zip(edges, edges[1:])]

@@ -16,7 +16,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-#: Statistics per slice, as in :class:`napari_mixcoef.core._Kernel`.
+#: Statistics per slice, as in :class:`napari_mixcoef.core.Kernel`.
 N_SUMS = 5
 
 
@@ -88,16 +88,9 @@ def dask_sums(
     sums = np.empty((n_slices, N_SUMS))
     if n_slices == 0:
         return sums
-    # batches: whole chunks of the first axis, about n_batches of them
-    bounds = np.cumsum((0,) + stack.chunks[0]) if n_lead else np.array([0, 1])
-    step = max(1, math.ceil((len(bounds) - 1) / n_batches))
-    edges = list(bounds[::step])
-    if edges[-1] != bounds[-1]:
-        edges.append(bounds[-1])
-    per_first = n_slices // max(1, lead_shape[0]) if n_lead else 1
     yield 0, n_slices
-    for start, stop in zip(edges[:-1], edges[1:]):
-        part = stack[int(start) : int(stop)] if n_lead else stack
+    for start, stop, rows in _batches(stack, lead_shape, n_batches):
+        part = stack[start:stop] if n_lead else stack
         out_chunks = (
             part.chunks[:n_lead]
             + tuple((1,) * len(c) for c in ref_chunks)
@@ -115,7 +108,6 @@ def dask_sums(
         )
         axes = tuple(range(n_lead, n_lead + len(ref_chunks)))
         (result,) = dask.compute(blocks.sum(axis=axes))
-        rows = slice(int(start) * per_first, int(stop) * per_first)
         sums[rows] = np.asarray(result).reshape(-1, N_SUMS)
         yield rows.stop, n_slices
     return sums
@@ -170,3 +162,83 @@ def dask_residuals(stack, fit):
         dtype=np.float32,
         concatenate=True,
     )
+
+
+def _block_fit(block, bd, spec, *, n_lead: int, work: str):
+    """Fit the whole slices of one block: ``(*lead_block, n_out)``."""
+    from ._estimators import fit_block
+
+    dtype = np.dtype(work)
+    lead = block.shape[:n_lead]
+    m = math.prod(lead)
+    yc = np.zeros((m, math.prod(block.shape[n_lead:])), dtype)
+    where = True if bd.inside is None else _inside_mask(bd, yc.shape[1])
+    np.subtract(
+        block.reshape(m, -1), bd.centre, out=yc, where=where, casting='unsafe'
+    )
+    return fit_block(yc, bd, spec).reshape(lead + (bd.n_out,))
+
+
+def _inside_mask(bd, n: int) -> np.ndarray:
+    inside = np.zeros(n, bool)
+    inside[bd.inside] = True
+    return inside
+
+
+def dask_fit_blocks(
+    stack, design, bd, spec, lead_shape: tuple[int, ...], n_batches: int = 8
+) -> Generator[tuple[int, int], None, np.ndarray]:
+    """Per-slice fits of a dask stack that need whole slices (IRLS, HAC).
+
+    The image axes are rechunked whole (each task then holds complete
+    slices); the shared design travels once, as one delayed object.
+    Yields progress per batch of the first axis; returns the rows of
+    :func:`napari_mixcoef._estimators.fit_block`.
+    """
+    import dask
+    import dask.array as da
+
+    n_lead = len(lead_shape)
+    whole = {axis: -1 for axis in range(n_lead, stack.ndim)}
+    stack = stack.rechunk(whole)
+    shared = dask.delayed(bd, pure=True), dask.delayed(spec, pure=True)
+    n_slices = math.prod(lead_shape)
+    out = np.empty((n_slices, bd.n_out))
+    if n_slices == 0:
+        return out
+    yield 0, n_slices
+    for start, stop, rows in _batches(stack, lead_shape, n_batches):
+        part = stack[start:stop] if n_lead else stack
+        fits = da.map_blocks(
+            _block_fit,
+            part,
+            *shared,
+            n_lead=n_lead,
+            work=design.dtype.str,
+            dtype=np.float64,
+            chunks=part.chunks[:n_lead] + ((bd.n_out,),),
+            drop_axis=list(range(n_lead, part.ndim)),
+            new_axis=n_lead,
+        )
+        (result,) = dask.compute(fits)
+        out[rows] = np.asarray(result).reshape(-1, bd.n_out)
+        yield rows.stop, n_slices
+    return out
+
+
+def _batches(stack, lead_shape, n_batches):
+    """``(start, stop, rows)``: slabs of whole first-axis chunks."""
+    n_lead = len(lead_shape)
+    n_slices = math.prod(lead_shape)
+    if not n_lead:
+        yield 0, 1, slice(0, 1)
+        return
+    bounds = np.cumsum((0,) + stack.chunks[0])
+    step = max(1, math.ceil((len(bounds) - 1) / n_batches))
+    edges = list(bounds[::step])
+    if edges[-1] != bounds[-1]:
+        edges.append(bounds[-1])
+    per_first = n_slices // max(1, lead_shape[0])
+    for start, stop in zip(edges[:-1], edges[1:]):
+        rows = slice(int(start) * per_first, int(stop) * per_first)
+        yield int(start), int(stop), rows

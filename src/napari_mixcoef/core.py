@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from collections.abc import Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,23 +46,29 @@ from ._chunks import (
     Block,
     as_numpy,
     plan_blocks,
-    read_runs,
     storage_chunk_length,
 )
-from ._dask import dask_residuals, dask_sums, is_dask
+from ._dask import dask_fit_blocks, dask_residuals, dask_sums, is_dask
+from ._design import MODELS, Design, check_stack, diagnose, prepare
+from ._estimators import (
+    BlockDesign,
+    NoiseSpec,
+    check_spec,
+    fit_block,
+    split_output,
+)
+from ._kernel import Kernel, check_finite, thread_run
+from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
 
-__all__ = ['MODELS', 'MixFit', 'fit_stack', 'residuals', 'write_csv']
+__all__ = [
+    'MODELS',
+    'MixFit',
+    'fit_stack',
+    'reference_diagnostics',
+    'residuals',
+    'write_csv',
+]
 
-#: Coefficient names of each model.
-MODELS: dict[str, tuple[str, ...]] = {
-    'mix': ('x',),
-    'scaled': ('a', 'b'),
-    'offset': ('a', 'b', 'c'),
-}
-
-# Above this condition number of the unit-normalised Gram matrix the
-# references cannot be told apart: coefficients would be rounding noise.
-_COLLINEAR_COND = 1e6
 # Recompute SSR explicitly where SSR < _GUARD · Σ y_c² (see module notes).
 _GUARD = {np.dtype(np.float32): 1e-2, np.dtype(np.float64): 1e-6}
 
@@ -92,6 +96,13 @@ class MixFit:
         ``sqrt(SSR / n_pixels)``, per slice.
     n_pixels : int
         Number of fitted pixels per slice.
+    noise : str
+        Noise model of the fit (``"gaussian"``, ``"poisson"``, ``"huber"``).
+    stderr_mode : str
+        ``"auto"`` (sandwich errors, robust to unequal variances and
+        spatially correlated noise) or ``"ols"`` (textbook).
+    noise_kernel : ndarray or None
+        The noise's estimated spatial correlation ``ρ(h)`` (``"auto"``).
     """
 
     model: str
@@ -103,7 +114,10 @@ class MixFit:
     r2: NDArray[np.float64]
     rmse: NDArray[np.float64]
     n_pixels: int
-    _design: _Design = field(repr=False)
+    noise: str = 'gaussian'
+    stderr_mode: str = 'ols'
+    noise_kernel: NDArray[np.float64] | None = field(default=None, repr=False)
+    _design: Design | None = field(default=None, repr=False)
 
     @property
     def lead_shape(self) -> tuple[int, ...]:
@@ -171,424 +185,6 @@ def write_csv(path: str | os.PathLike, columns: dict[str, ArrayLike]) -> None:
         writer.writerows(zip(*cells))
 
 
-@dataclass(frozen=True, eq=False)
-class _Design:
-    """Everything about the references that every slice shares.
-
-    ``basis`` holds ``u1 = A − B``, ``u2 = M − mean(M)`` and ``u3 = 1`` as
-    rows of length ``n_ref`` (zero outside the mask), in the working dtype;
-    ``transform`` (3 × k) maps basis coefficients to the model's design,
-    ``D = basis.T @ transform``; ``coef0`` are the model's coefficients of
-    ``M`` itself, so that ``coef = coef0 + δ`` where ``δ`` regresses the
-    centred slice on ``D``.
-    """
-
-    model: str
-    ref1: NDArray  # float64, reference shape
-    ref2: NDArray
-    mask: NDArray[np.bool_] | None
-    n_pixels: int
-    dtype: np.dtype  # working float type
-    centre: NDArray  # M in the working dtype, reference shape
-    basis: NDArray  # (3, n_ref) working dtype
-    basis_gram: NDArray[np.float64]  # (3, 3)
-    basis_u2_sum: float
-    transform: NDArray[np.float64]  # (3, k)
-    coef0: NDArray[np.float64]  # (k,)
-    gram_inv: NDArray[np.float64]  # (k, k), inverse of DᵀD
-
-    @property
-    def k(self) -> int:
-        return self.coef0.size
-
-
-def _check_real(name: str, dtype: np.dtype) -> None:
-    if dtype.kind not in 'iuf':
-        what = {
-            'b': 'boolean',
-            'c': 'complex',
-            'O': 'object',
-        }.get(dtype.kind, f'non-numeric ({dtype})')
-        hint = {
-            'b': f'convert it, e.g. {name}.astype(np.uint8)',
-            'c': f'fit the real part or the magnitude (np.abs({name}))',
-        }.get(dtype.kind, 'convert it to a real numeric dtype')
-        raise TypeError(
-            f'{name} has {what} dtype {dtype}; a real numeric dtype '
-            f'(int, uint or float) is needed: {hint}'
-        )
-
-
-def _as_array_like(a, name: str, *, check_dtype: bool = True):
-    """Return ``a`` unchanged if array-like enough, else ``np.asarray(a)``."""
-    if a is None:
-        raise TypeError(f'{name} is None; pass an array')
-    if not (hasattr(a, 'shape') and hasattr(a, 'dtype')):
-        a = np.asarray(a)
-    if check_dtype:
-        _check_real(name, np.dtype(a.dtype))
-    return a
-
-
-def _working_dtype(dtype: np.dtype) -> np.dtype:
-    """float32 where it holds every input value exactly, else float64.
-
-    float32 represents all integers up to 2**24, so 8/16-bit integers,
-    float16 and float32 lose nothing; float64 and 32/64-bit integers keep
-    float64, for their accuracy.
-    """
-    if dtype.kind == 'f' and dtype.itemsize <= 4:
-        return np.dtype(np.float32)
-    if dtype.kind in 'iu' and dtype.itemsize <= 2:
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
-
-
-def _normalised_cond(columns: list[NDArray[np.float64]]) -> float:
-    """Condition number of the Gram matrix of unit-normalised columns."""
-    norms = [float(np.sqrt(c @ c)) for c in columns]
-    if min(norms) == 0.0:
-        return math.inf
-    unit = np.stack([c / s for c, s in zip(columns, norms)])
-    eig = np.linalg.eigvalsh(unit @ unit.T)
-    return math.inf if eig[0] <= 0 else float(eig[-1] / eig[0])
-
-
-def _prepare(ref1, ref2, mask, model: str, stack_dtype: np.dtype) -> _Design:
-    """Check the references and mask; build the shared design."""
-    if model not in MODELS:
-        raise ValueError(
-            f'unknown model {model!r}; choose one of '
-            + ', '.join(repr(m) for m in MODELS)
-        )
-    ref1 = _as_array_like(ref1, 'ref1')
-    ref2 = _as_array_like(ref2, 'ref2')
-    if ref1.shape != ref2.shape:
-        raise ValueError(
-            f'ref1 has shape {ref1.shape} but ref2 has shape {ref2.shape}; '
-            'the two references must have the same shape'
-        )
-    shape = tuple(ref1.shape)
-    # float64 copies: the references are one slice each, and the caller's
-    # arrays must never be touched.
-    a = np.array(as_numpy(ref1), dtype=np.float64)
-    b = np.array(as_numpy(ref2), dtype=np.float64)
-    if mask is not None:
-        mask = as_numpy(_as_array_like(mask, 'mask', check_dtype=False))
-        if mask.shape != shape:
-            raise ValueError(
-                f'mask has shape {mask.shape} but the references have shape '
-                f'{shape}; the mask must have the shape of one reference'
-            )
-        mask = mask != 0
-        n = int(mask.sum())
-        if mask.all():
-            mask = None
-    else:
-        n = math.prod(shape)
-    k = len(MODELS[model])
-    if n <= k:
-        where = 'the mask selects' if mask is not None else 'the images have'
-        raise ValueError(
-            f'{where} {n} pixel(s), but the {model!r} model has {k} '
-            f'coefficient(s) and needs more than {k} fitted pixels; '
-            'select more pixels in the mask'
-        )
-    fa, fb = (a, b) if mask is None else (a[mask], b[mask])
-    for name, v in (('ref1', fa), ('ref2', fb)):
-        if not np.isfinite(v).all():
-            bad = int(np.size(v) - np.isfinite(v).sum())
-            raise ValueError(
-                f'{name} has {bad} NaN or inf value(s) in the fitted pixels; '
-                'replace them (e.g. np.nan_to_num) or leave them out with '
-                'mask='
-            )
-    cond = _normalised_cond([fa.ravel(), fb.ravel()])
-    if cond > _COLLINEAR_COND:
-        raise ValueError(
-            'ref1 and ref2 are collinear (one is a multiple of the other '
-            'over the fitted pixels; Gram condition number '
-            f'{cond:.3g}), so their mix cannot be told apart from a change '
-            'of brightness; choose two references that differ in pattern'
-        )
-    if model == 'offset':
-        cond = _normalised_cond([fa.ravel(), fb.ravel(), np.ones(n)])
-        if cond > _COLLINEAR_COND:
-            raise ValueError(
-                'ref1, ref2 and a constant offset are collinear (the '
-                'references differ only by an offset and a scale; Gram '
-                f'condition number {cond:.3g}); use model="scaled" or '
-                '"mix", or choose references that differ in pattern'
-            )
-
-    dtype = _working_dtype(stack_dtype)
-    centre64 = 0.5 * (a + b)
-    centre_mean = float(
-        centre64[mask].mean() if mask is not None else centre64.mean()
-    )
-    basis64 = np.stack(
-        [
-            (a - b).ravel(),
-            (centre64 - centre_mean).ravel(),
-            np.ones(a.size),
-        ]
-    )
-    if mask is not None:
-        basis64[:, ~mask.ravel()] = 0.0
-    basis = basis64.astype(dtype)
-    # The Gram matrix of the basis as the kernel will use it (rounded to the
-    # working dtype), accumulated in float64.
-    used = basis.astype(np.float64)
-    basis_gram = used @ used.T
-    m = centre_mean
-    transform = {
-        'mix': np.array([[1.0], [0.0], [0.0]]),
-        'scaled': np.array([[0.5, -0.5], [1.0, 1.0], [m, m]]),
-        'offset': np.array([[0.5, -0.5, 0.0], [1.0, 1.0, 0.0], [m, m, 1.0]]),
-    }[model]
-    coef0 = {'mix': [0.5], 'scaled': [0.5, 0.5], 'offset': [0.5, 0.5, 0.0]}
-    gram = transform.T @ basis_gram @ transform
-    return _Design(
-        model=model,
-        ref1=a,
-        ref2=b,
-        mask=mask,
-        n_pixels=n,
-        dtype=dtype,
-        centre=centre64.astype(dtype),
-        basis=basis,
-        basis_gram=basis_gram,
-        basis_u2_sum=float(used[1].sum()),
-        transform=transform,
-        coef0=np.array(coef0[model]),
-        gram_inv=np.linalg.inv(gram),
-    )
-
-
-def _check_stack(stack, ref_shape: tuple[int, ...]):
-    stack = _as_array_like(stack, 'stack')
-    r = len(ref_shape)
-    if stack.ndim < r or tuple(stack.shape[stack.ndim - r :]) != ref_shape:
-        raise ValueError(
-            f'stack has shape {tuple(stack.shape)} but the references have '
-            f'shape {ref_shape}; the references must match the last {r} '
-            'axes of the stack'
-        )
-    return stack
-
-
-class _Kernel:
-    """Per-slice sums of blocks, one working buffer per thread.
-
-    :meth:`accumulate` adds a block's sums into the rows of a ``(n, 5)``
-    float64 array; :meth:`centred_sums` turns them into ``u1ᵀy_c, u2ᵀy_c,
-    Σy_c, Σy_c²`` plus the magnitude of the largest sum behind ``Σy_c²``
-    (what the SSR guard compares with).  Each block costs two or three
-    numpy calls that release the GIL, so the Python overhead per block
-    stays far below its arithmetic.
-    """
-
-    def __init__(
-        self, stack, design: _Design, lead_shape, ref_shape, chunk_bytes
-    ):
-        self.stack = stack
-        self.design = design
-        self.lead_shape = lead_shape
-        self.ref_shape = ref_shape
-        self.row_len = math.prod(ref_shape[1:])  # pixels per reference row
-        slice_bytes = math.prod(ref_shape) * design.dtype.itemsize
-        self.sub_rows = max(1, chunk_bytes // max(1, slice_bytes))
-        self._local = threading.local()
-        # float64 data stored as C-ordered slices needs neither a cast nor
-        # centring (its products with M are exact enough to centre
-        # afterwards): the kernel reads it in place, saving a pass.
-        self.rows = None
-        if design.dtype == np.float64 and design.mask is None:
-            self.rows = _as_rows(stack, math.prod(lead_shape))
-        basis = design.basis
-        if self.rows is not None:
-            basis = np.vstack([basis, design.centre.reshape(1, -1)])
-        self._basis_t = basis.T  # (n_ref, 3 or 4), F-ordered view
-
-    def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
-        # With a mask only the fitted pixels are ever written, so the rest
-        # must start (and stay) zero: one buffer per thread and block shape.
-        buffers = getattr(self._local, 'buffers', None)
-        if buffers is None:
-            buffers = self._local.buffers = {}
-        key = (rows, *shape)
-        buf = buffers.get(key)
-        if buf is None:
-            buf = buffers[key] = np.zeros(key, self.design.dtype)
-        return buf
-
-    def pixel_range(self, block: Block) -> slice:
-        if not self.ref_shape:
-            return slice(None)
-        start, stop, _ = block.band.indices(self.ref_shape[0])
-        return slice(start * self.row_len, stop * self.row_len)
-
-    def _centre_and_where(self, band: slice):
-        d = self.design
-        if not self.ref_shape:
-            return d.centre, True if d.mask is None else d.mask
-        where = True if d.mask is None else d.mask[band]
-        return d.centre[band], where
-
-    def _band_shape(self, band: slice) -> tuple[int, ...]:
-        if not self.ref_shape:
-            return ()
-        n = len(range(*band.indices(self.ref_shape[0])))
-        return (n, *self.ref_shape[1:])
-
-    def _centred_pieces(self, block: Block):
-        """Yield ``(row0, y_c)`` for cache-sized runs of the block's rows.
-
-        Each storage read (a zarr chunk can hold many slices) is cast and
-        centred a few slices at a time into the thread's buffer, so the
-        products that follow read it from the L2 cache.
-        """
-        centre, where = self._centre_and_where(block.band)
-        shape = self._band_shape(block.band)
-        for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
-            piece = as_numpy(piece)
-            for s0 in range(0, r1 - r0, self.sub_rows):
-                sub = piece[s0 : s0 + self.sub_rows]
-                buf = self._buffer(len(sub), shape)
-                if sub.dtype == buf.dtype:
-                    np.subtract(sub, centre, out=buf, where=where)
-                else:
-                    # a plain cast and an in-cache subtraction take 2/3 of
-                    # the time of one subtraction that casts as it goes
-                    np.copyto(buf, sub, casting='unsafe', where=where)
-                    np.subtract(buf, centre, out=buf, where=where)
-                yield r0 + s0, buf.reshape(len(sub), -1)
-
-    def centred(self, block: Block) -> np.ndarray:
-        """Read one block and centre it on M: ``(rows, n_band_pixels)``."""
-        rows = block.stop - block.start
-        out = np.zeros(
-            (rows, math.prod(self._band_shape(block.band))), self.design.dtype
-        )
-        for r0, yc in self._centred_pieces(block):
-            out[r0 : r0 + len(yc)] = yc
-        return out
-
-    def accumulate(self, block: Block, out: np.ndarray) -> None:
-        """Add the block's sums to ``out[block.start:block.stop]``."""
-        px = self.pixel_range(block)
-        basis_t = self._basis_t[px]
-        k = basis_t.shape[1]
-        if self.rows is not None:
-            pieces = [(0, self.rows[block.start : block.stop, px])]
-        else:
-            pieces = self._centred_pieces(block)
-        for r0, y in pieces:
-            rows = slice(block.start + r0, block.start + r0 + len(y))
-            # np.dot (not @: numpy's matmul keeps the GIL) runs one small
-            # BLAS GEMM against the transposed basis without copying it.
-            out[rows, :k] += np.dot(y, basis_t)
-            out[rows, 4] += np.vecdot(y, y)
-
-    def centred_sums(self, sums: np.ndarray) -> np.ndarray:
-        """Turn accumulated sums into centred ones (in place), see above."""
-        if self.rows is None:
-            sums[:, 3] = sums[:, 4]
-            return sums
-        # Sums over raw float64 y: Σ(y − M)² = Σy² − 2 Mᵀy + MᵀM, and so on.
-        basis = self._basis_t.T
-        with_centre = basis @ self.design.centre.reshape(-1)
-        with np.errstate(invalid='ignore'):  # inf data is reported later
-            sums[:, :3] -= with_centre[:3]
-            sums[:, 3] = sums[:, 4] - 2 * sums[:, 3] + with_centre[3]
-        return sums
-
-    def exact_ssr(self, block: Block, delta_basis: np.ndarray) -> np.ndarray:
-        """Σ (y_c − basis·δ)² per row, from the explicit residuals."""
-        yc = self.centred(block)
-        basis = self.design.basis[:, self.pixel_range(block)]
-        # Pixels outside the mask are zero in both yc and the basis.
-        resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
-        return np.vecdot(resid, resid)
-
-
-def _as_rows(stack, n_slices: int) -> np.ndarray | None:
-    """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""
-    if not isinstance(stack, np.ndarray) or stack.dtype != np.float64:
-        return None
-    try:
-        return stack.reshape((n_slices, -1), copy=False)
-    except (ValueError, TypeError):  # a copy would be needed
-        return None
-
-
-def _n_threads() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
-_POOL: ThreadPoolExecutor | None = None
-_BLAS = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool_and_blas():
-    """Return the shared chunk threads and BLAS controller (made once).
-
-    Starting threads and scanning the loaded libraries for BLAS take
-    longer than fitting a small stack, so both are kept between fits.
-    """
-    global _POOL, _BLAS
-    with _POOL_LOCK:
-        if _POOL is None:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS = ThreadpoolController()
-            _POOL = ThreadPoolExecutor(
-                _n_threads(), thread_name_prefix='mixcoef'
-            )
-    return _POOL, _BLAS
-
-
-def _thread_sums(kernel, groups, raw, lead_shape, n_slices):
-    """Fill ``raw`` with every block's sums on the chunk threads.
-
-    Yields ``(done_slices, total_slices)`` as runs of blocks finish.
-    """
-    stop_event = threading.Event()
-
-    def run_task(task: list[list[Block]]) -> None:
-        # Threads get runs of many blocks: a pool task costs tens of µs,
-        # as much as the work on one cache-sized block.
-        for group in task:
-            if stop_event.is_set():
-                return
-            for block in group:
-                kernel.accumulate(block, raw)
-
-    tasks = _batch(groups)
-    yield 0, n_slices
-    pool, blas = _pool_and_blas()
-    # BLAS runs single-threaded inside our chunk threads: nested threading
-    # would only oversubscribe the cores.
-    with blas.limit(limits=1, user_api='blas'):
-        futures = [pool.submit(run_task, task) for task in tasks]
-        try:
-            for task, fut in zip(tasks, futures):
-                fut.result()
-                start, stop = task[0][0].start, task[-1][0].stop
-                _check_finite(raw[start:stop], start, lead_shape)
-                yield stop, n_slices
-        finally:
-            # a closed generator (cancelled fit) stops the other tasks too,
-            # and waits for the running ones: they write into `raw`
-            stop_event.set()
-            for fut in futures:
-                fut.cancel()
-            for fut in futures:
-                if not fut.cancelled():
-                    fut.exception()
-
-
 def _fit_steps(
     stack,
     ref1,
@@ -597,39 +193,67 @@ def _fit_steps(
     model: str = 'mix',
     mask=None,
     chunk_bytes: int | None = None,
+    noise: str = 'gaussian',
+    gain: float = 1.0,
+    camera_offset: float = 0.0,
+    read_noise: float = 0.0,
+    stderr: str = 'auto',
 ) -> Generator[tuple[int, int], None, MixFit]:
     """Fit the stack, yielding ``(done_slices, total_slices)`` as it goes.
 
-    The generator form of :func:`fit_stack`: a GUI worker yields each step
-    to its event loop and can stop the fit between chunks by closing the
-    generator.  The :class:`MixFit` is the generator's return value.
+    The generator form of :func:`fit_stack` (same arguments): a GUI worker
+    yields each step to its event loop and can stop the fit between chunks
+    by closing the generator.  The :class:`MixFit` is its return value.
     """
+    spec = NoiseSpec(
+        noise, stderr, float(gain), float(camera_offset), float(read_noise)
+    )
+    check_spec(spec)
     ref_shape = tuple(getattr(ref1, 'shape', np.shape(ref1)))
-    stack = _check_stack(stack, ref_shape)
-    design = _prepare(ref1, ref2, mask, model, np.dtype(stack.dtype))
+    stack = check_stack(stack, ref_shape)
+    design = prepare(ref1, ref2, mask, model, np.dtype(stack.dtype))
     lead_shape = tuple(
         int(s) for s in stack.shape[: stack.ndim - len(ref_shape)]
     )
-    n_slices = math.prod(lead_shape)
+    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
     groups = plan_blocks(
         lead_shape,
         ref_shape,
         design.dtype.itemsize,
-        chunk_bytes or DEFAULT_CHUNK_BYTES,
+        chunk_bytes,
         align=storage_chunk_length(stack),
+        bands=not spec.needs_slices,
     )
-    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
-    kernel = _Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
-    raw = np.zeros((n_slices, 5))
+    kernel = Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
+    if spec.needs_slices:
+        fit = yield from _fit_slices(stack, design, spec, kernel, groups)
+    else:
+        fit = yield from _fit_sums(stack, design, kernel, groups)
+    return fit
+
+
+def _fit_sums(stack, design: Design, kernel: Kernel, groups):
+    """Gaussian noise, textbook errors: one pass of additive sums."""
+    lead_shape = kernel.lead_shape
+    n_slices = math.prod(lead_shape)
     if is_dask(stack):
         # block-wise on the active dask scheduler, never gathered here
         raw = yield from dask_sums(stack, design, lead_shape)
-        _check_finite(raw, 0, lead_shape)
+        check_finite(raw[:, 4], 0, lead_shape)
     else:
-        yield from _thread_sums(kernel, groups, raw, lead_shape, n_slices)
+        raw = np.zeros((n_slices, 5))
+        yield from thread_run(
+            groups,
+            lambda block: kernel.accumulate(block, raw),
+            lambda start, stop: check_finite(
+                raw[start:stop, 4], start, lead_shape
+            ),
+            n_slices,
+        )
     kernel.centred_sums(raw)
-
-    delta, ssr = _solve(raw, design)
+    g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)
+    delta = g @ design.gram_inv  # gram_inv is symmetric
+    ssr = raw[:, 3] - np.einsum('ij,ij->i', delta, g)
     # Guard the SSR shortcut where it cancels (R² ≈ 1): recompute those
     # slices from their explicit residuals, a second pass over them only.
     suspect = ssr < _GUARD[design.dtype] * raw[:, 4]
@@ -643,46 +267,130 @@ def _fit_steps(
                 for block in group[1:]:
                     exact += kernel.exact_ssr(block, delta_basis[start:stop])
                 ssr[start:stop][rows] = exact[rows]
-    return _statistics(raw, delta, ssr, design, lead_shape)
-
-
-def _batch(groups) -> list[list[list[Block]]]:
-    """Split row groups into runs of ~16 chunk budgets of work each.
-
-    Few enough that pool overhead vanishes, many enough (≥ 8 when there
-    is work for it) for progress, cancellation and load balance.
-    """
-    per_task = max(1, min(16, len(groups) // 8))
-    return [groups[i : i + per_task] for i in range(0, len(groups), per_task)]
-
-
-def _check_finite(values: np.ndarray, start: int, lead_shape) -> None:
-    q = values[:, 4]
-    if not np.isfinite(q).all():
-        bad = start + int(np.flatnonzero(~np.isfinite(q))[0])
-        index = tuple(int(i) for i in np.unravel_index(bad, lead_shape))
-        raise ValueError(
-            f'stack slice {index} contains NaN or inf values in the fitted '
-            'pixels; replace them (e.g. np.nan_to_num) or leave those '
-            'pixels out with mask='
-        )
-
-
-def _solve(raw: np.ndarray, design: _Design):
-    """Coefficient offsets δ and the shortcut SSR from the sums."""
-    g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)
-    delta = g @ design.gram_inv  # gram_inv is symmetric
-    ssr = raw[:, 3] - np.einsum('ij,ij->i', delta, g)
-    return delta, ssr
-
-
-def _statistics(raw, delta, ssr, design: _Design, lead_shape) -> MixFit:
-    n, k = design.n_pixels, design.k
     ssr = np.maximum(ssr, 0.0)
+    n, k = design.n_pixels, design.k
+    cov = (ssr / (n - k))[:, None, None] * design.gram_inv
+    sst = _centred_total(raw[:, 3], raw[:, 2], raw[:, 1], design)
+    return _assemble(
+        design,
+        lead_shape,
+        delta,
+        cov,
+        ssr,
+        sst,
+        NoiseSpec('gaussian', 'ols'),
+        None,
+    )
+
+
+def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
+    """Residual-based fits: whole slices per block (see _estimators)."""
+    lead_shape = kernel.lead_shape
+    n_slices = math.prod(lead_shape)
+    rho = None
+    if spec.stderr == 'auto':
+        rho = _noise_kernel(kernel, design, n_slices)
+    bd = _block_design(design, kernel.ref_shape, rho)
+    k = design.k
+    q_col = k + k * (k + 1) // 2 + 1
+    if is_dask(stack):
+        out = yield from dask_fit_blocks(stack, design, bd, spec, lead_shape)
+        check_finite(out[:, q_col], 0, lead_shape)
+    else:
+        out = np.empty((n_slices, bd.n_out))
+
+        def work(block: Block) -> None:
+            for r0, yc in kernel.centred_pieces(block):
+                rows = slice(block.start + r0, block.start + r0 + len(yc))
+                out[rows] = fit_block(yc, bd, spec)
+
+        yield from thread_run(
+            groups,
+            work,
+            lambda start, stop: check_finite(
+                out[start:stop, q_col], start, lead_shape
+            ),
+            n_slices,
+        )
+    delta, cov, ssr, q, s, h2 = split_output(out, k)
+    sst = _centred_total(q, s, h2, design)
+    return _assemble(design, lead_shape, delta, cov, ssr, sst, spec, rho)
+
+
+#: At most this many slices, and about this many pixels, estimate the
+#: noise's spatial correlation.
+_KERNEL_SLICES = 16
+_KERNEL_PIXELS = 1 << 18
+
+
+def _noise_kernel(kernel: Kernel, design: Design, n_slices: int):
+    """Pooled spatial correlation of the OLS residuals of a few slices."""
+    if n_slices == 0 or not kernel.ref_shape:
+        return np.ones((1,) * len(kernel.ref_shape))
+    n_ref = math.prod(kernel.ref_shape)
+    # enough pixels for lags to be precise, few enough to stay small
+    count = int(np.clip(_KERNEL_PIXELS // n_ref, 1, _KERNEL_SLICES))
+    picks = np.unique(np.linspace(0, n_slices - 1, count).astype(int))
+    columns = design.transform.T @ design.basis.astype(np.float64)  # (k, n)
+    resid = np.empty((len(picks), *kernel.ref_shape))
+    for j, i in enumerate(picks):
+        yc = kernel.centred(Block(int(i), int(i) + 1, slice(None)))
+        yc = yc.astype(np.float64)
+        with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
+            delta = (yc @ columns.T) @ design.gram_inv
+            resid[j] = (yc - delta @ columns).reshape(kernel.ref_shape)
+    finite = np.isfinite(resid).reshape(len(picks), -1).all(axis=1)
+    if not finite.all():
+        bad = int(picks[np.flatnonzero(~finite)[0]])
+        check_finite(np.array([np.nan]), bad, kernel.lead_shape)
+    return noise_correlation(resid, design.mask, overwrite=True)
+
+
+def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
+    """Return the design as :func:`fit_block` wants it (working dtype)."""
+    dtype = design.dtype
+    columns = design.transform.T @ design.basis.astype(np.float64)  # (k, n)
+    k = len(columns)
+    pairs = np.stack([columns[a] * columns[b] for a, b in pair_index(k)], 1)
+    terms = None
+    if rho is not None:
+        smooth = smoothed(columns.reshape((k, *ref_shape)), rho)
+        terms = sandwich_terms(columns, smooth.reshape(k, -1)).astype(dtype)
+    inside = None if design.mask is None else np.flatnonzero(design.mask)
+    return BlockDesign(
+        design_t=columns.astype(dtype),
+        pairs=pairs.astype(dtype),
+        terms=terms,
+        centre=design.centre.reshape(-1),
+        gram_inv=design.gram_inv,
+        inside=inside,
+        n_pixels=design.n_pixels,
+        basis_u2=design.basis[1],
+    )
+
+
+def _centred_total(q, s, h2, design: Design) -> np.ndarray:
+    """Σ (y − mean y)² per slice from sums over the centred slice.
+
+    With y = y_c + M and u2 = M − mean(M): the centred total is
+    ``Σy_c² − (Σy_c)²/n + 2(u2ᵀy_c − Σy_c·Σu2/n) + ‖u2‖²``.
+    """
+    n = design.n_pixels
+    return (
+        q
+        - s * s / n
+        + 2.0 * (h2 - s / n * design.basis_u2_sum)
+        + design.basis_gram[1, 1]
+    )
+
+
+def _assemble(
+    design: Design, lead_shape, delta, cov, ssr, sst, spec: NoiseSpec, rho
+) -> MixFit:
+    """Coefficients, errors and fit quality of every slice, as a MixFit."""
+    n, k = design.n_pixels, design.k
     coef = design.coef0 + delta
-    sigma2 = ssr / (n - k)
-    var = sigma2[:, None] * np.diag(design.gram_inv)
-    stderr = np.sqrt(var)
+    stderr = np.sqrt(np.maximum(np.diagonal(cov, axis1=-2, axis2=-1), 0))
     if design.model == 'mix':
         x = coef[:, 0]
         x_stderr = stderr[:, 0]
@@ -694,15 +402,8 @@ def _statistics(raw, delta, ssr, design: _Design, lead_shape) -> MixFit:
             jac = np.zeros_like(coef)
             jac[:, 0] = b / total**2
             jac[:, 1] = -a / total**2
-        quad = np.einsum('ij,jk,ik->i', jac, design.gram_inv, jac)
-        x_stderr = np.sqrt(sigma2 * quad)
-    s = raw[:, 2]
-    sst = (
-        raw[:, 3]
-        - s * s / n
-        + 2.0 * (raw[:, 1] - s / n * design.basis_u2_sum)
-        + design.basis_gram[1, 1]
-    )
+            quad = np.einsum('ij,ijk,ik->i', jac, cov, jac)
+        x_stderr = np.sqrt(np.maximum(quad, 0))
     with np.errstate(divide='ignore', invalid='ignore'):
         r2 = np.where(sst > 0, 1.0 - ssr / sst, np.nan)
     rmse = np.sqrt(ssr / n)
@@ -720,6 +421,9 @@ def _statistics(raw, delta, ssr, design: _Design, lead_shape) -> MixFit:
         r2=shaped(r2),
         rmse=shaped(rmse),
         n_pixels=n,
+        noise=spec.noise,
+        stderr_mode=spec.stderr,
+        noise_kernel=rho,
         _design=design,
     )
 
@@ -733,6 +437,11 @@ def fit_stack(
     mask: ArrayLike | None = None,
     chunk_bytes: int | None = None,
     progress: ProgressCallback | None = None,
+    noise: str = 'gaussian',
+    gain: float = 1.0,
+    camera_offset: float = 0.0,
+    read_noise: float = 0.0,
+    stderr: str = 'auto',
 ) -> MixFit:
     """Fit each slice of `stack` as a combination of two reference images.
 
@@ -755,6 +464,25 @@ def fit_stack(
         are aligned to zarr/dask chunks along the first axis.
     progress : callable, optional
         ``progress(done_slices, total_slices)``, called as blocks finish.
+    noise : {"gaussian", "poisson", "huber"}
+        ``"gaussian"``: ordinary least squares.  ``"poisson"``: photon
+        counts ``(I − camera_offset) / gain`` with variance ``μ +
+        read_noise²`` (photons), fitted by iteratively reweighted least
+        squares with weights from the model's μ (3 iterations).
+        ``"huber"``: robust IRLS (Huber weights on residuals scaled by their
+        median absolute deviation) for hot pixels and debris.
+    gain, camera_offset, read_noise : float
+        Detector for ``noise="poisson"``: counts per photon, counts at zero
+        light, read noise in photons (rms).
+    stderr : {"auto", "ols"}
+        ``"auto"`` (default): sandwich standard errors, robust to noise
+        whose variance varies from pixel to pixel (photon counts) and to
+        noise correlated between neighbouring pixels (optics), whose
+        spatial correlation is estimated from a few slices' residuals; it
+        assumes the variance varies slowly over the correlation length
+        and that the correlation is the same in every slice.  ``"ols"``:
+        the textbook ``σ̂²(DᵀD)⁻¹``, right for independent Gaussian noise
+        of equal variance only (one pass; the fastest).
 
     Returns
     -------
@@ -762,11 +490,18 @@ def fit_stack(
         ``x``, ``x_stderr``, ``r2``, ``rmse`` of shape ``lead``; ``coef``
         and ``stderr`` of shape ``lead + (k,)``.
 
+    Warns
+    -----
+    CollinearityWarning
+        When the references are nearly collinear (x is then poorly
+        determined; see :func:`reference_diagnostics`).
+
     Raises
     ------
     ValueError
         Shapes that do not match, collinear references, NaN or inf in the
-        fitted pixels, a mask with too few pixels, an unknown model.
+        fitted pixels, a mask with too few pixels, an unknown model, noise
+        model or stderr mode, impossible detector parameters.
     TypeError
         Complex, boolean or non-numeric dtypes.
 
@@ -782,7 +517,17 @@ def fit_stack(
     array([0.4, 0.5, 0.7])
     """
     steps = _fit_steps(
-        stack, ref1, ref2, model=model, mask=mask, chunk_bytes=chunk_bytes
+        stack,
+        ref1,
+        ref2,
+        model=model,
+        mask=mask,
+        chunk_bytes=chunk_bytes,
+        noise=noise,
+        gain=gain,
+        camera_offset=camera_offset,
+        read_noise=read_noise,
+        stderr=stderr,
     )
     try:
         while True:
@@ -902,7 +647,7 @@ def residuals(
         evaluated on every pixel, also outside the fit's mask.
     """
     ref_shape = tuple(getattr(ref1, 'shape', np.shape(ref1)))
-    stack = _check_stack(stack, ref_shape)
+    stack = check_stack(stack, ref_shape)
     if tuple(stack.shape[: stack.ndim - len(ref_shape)]) != fit.lead_shape:
         raise ValueError(
             f'the fit has {fit.lead_shape} slices but the stack has shape '
@@ -919,3 +664,35 @@ def residuals(
     if is_dask(stack):
         return dask_residuals(stack, fit)
     return ResidualStack(stack, fit)
+
+
+def reference_diagnostics(
+    ref1: ArrayLike, ref2: ArrayLike, mask: ArrayLike | None = None
+) -> dict[str, float | bool | int]:
+    """Say how well two references can be told apart, before any fit.
+
+    In the avg/diff basis of the pair, ``(A+B)/√2`` and ``(A−B)/√2``, a
+    mix moves only along the difference direction: the smaller its share
+    of the pair's energy, the harder ``x`` is to measure.
+
+    Parameters
+    ----------
+    ref1, ref2 : (*shape) array_like
+        The references A and B.
+    mask : (*shape) array_like of bool, optional
+        Only these pixels count.
+
+    Returns
+    -------
+    dict
+        ``"diff_energy_fraction"``: ``‖A−B‖² / (2(‖A‖² + ‖B‖²))``, from 0
+        (identical) to 1 (opposite);
+        ``"x_stderr_per_noise"``: ``1/‖A−B‖``, the standard error of ``x``
+        per unit of white-noise standard deviation (mix model);
+        ``"correlation"``: Pearson correlation of A and B;
+        ``"condition_number"``: of the unit-normalised Gram matrix of A, B;
+        ``"collinear"``: whether a fit would refuse them;
+        ``"nearly_collinear"``: whether a fit would warn;
+        ``"n_pixels"``: pixels counted.
+    """
+    return diagnose(ref1, ref2, mask)

@@ -1,0 +1,263 @@
+"""Per-slice estimators on a block of whole, centred slices.
+
+Ordinary least squares with honest (sandwich) errors, Poisson maximum
+likelihood and Huber's robust fit, the last two by iteratively reweighted
+least squares (IRLS).  Every step is vectorized over the block's slices:
+the per-slice weighted Gram matrices of all slices come from one matrix
+product of the weights with the design's pairwise products.  Pure numpy.
+
+Notation: ``yc`` is the block centred on the mean reference ``M`` (zero
+outside the mask), ``D`` the model's design (``n × k``), ``δ`` the
+coefficients relative to those of ``M``; the model image is ``M + Dδ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._spatial import pair_index, unpack
+
+NOISE_MODELS = ('gaussian', 'poisson', 'huber')
+STDERR_MODES = ('auto', 'ols')
+
+#: Huber's tuning constant: 95 % efficiency for Gaussian noise.
+HUBER_C = 1.345
+#: A robust standard deviation from the median absolute residual.
+MAD_SCALE = 1.4826
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How to weigh pixels and how to compute standard errors.
+
+    Attributes
+    ----------
+    noise : {"gaussian", "poisson", "huber"}
+        Noise model.
+    stderr : {"auto", "ols"}
+        ``"auto"``: sandwich estimator, robust to unequal variances and
+        (with the spatial kernel) to correlated neighbours; ``"ols"``: the
+        textbook formula.
+    gain, camera_offset, read_noise : float
+        Detector: counts per photon, counts at zero light, read noise in
+        photons (Poisson noise only).
+    iterations : int
+        IRLS iterations for the Poisson and Huber models.
+    """
+
+    noise: str = 'gaussian'
+    stderr: str = 'auto'
+    gain: float = 1.0
+    camera_offset: float = 0.0
+    read_noise: float = 0.0
+    iterations: int = 3
+
+    @property
+    def needs_slices(self) -> bool:
+        """Whether blocks must hold whole slices (residuals are needed)."""
+        return self.noise != 'gaussian' or self.stderr != 'ols'
+
+
+def check_spec(spec: NoiseSpec) -> None:
+    """Raise ValueError for an unknown mode or an impossible detector."""
+    if spec.noise not in NOISE_MODELS:
+        raise ValueError(
+            f'unknown noise model {spec.noise!r}; choose one of '
+            + ', '.join(repr(m) for m in NOISE_MODELS)
+        )
+    if spec.stderr not in STDERR_MODES:
+        raise ValueError(
+            f'unknown stderr {spec.stderr!r}; choose "auto" or "ols"'
+        )
+    if not (np.isfinite(spec.gain) and spec.gain > 0):
+        raise ValueError(
+            f'gain must be a positive number of counts per photon, not '
+            f'{spec.gain!r}'
+        )
+    if not np.isfinite(spec.camera_offset):
+        raise ValueError(
+            f'camera_offset must be finite, not {spec.camera_offset!r}'
+        )
+    if not (np.isfinite(spec.read_noise) and spec.read_noise >= 0):
+        raise ValueError(
+            f'read_noise must be >= 0 photons, not {spec.read_noise!r}'
+        )
+    if int(spec.iterations) < 1:
+        raise ValueError('iterations must be at least 1')
+
+
+@dataclass(frozen=True)
+class BlockDesign:
+    """What :func:`fit_block` needs of the design, in the working dtype.
+
+    ``design_t`` is ``Dᵀ`` (k × n), ``pairs`` the products ``D_a D_b``
+    (n × k(k+1)/2) for weighted Gram matrices, ``terms`` the sandwich terms
+    (n × k(k+1)/2, see :mod:`napari_mixcoef._spatial`), ``centre`` is
+    ``M`` (n), ``inside`` the indices of fitted pixels (None: all).
+    """
+
+    design_t: NDArray
+    pairs: NDArray
+    terms: NDArray | None
+    centre: NDArray
+    gram_inv: NDArray[np.float64]
+    inside: NDArray | None
+    n_pixels: int
+    basis_u2: NDArray  # u2 over all pixels, for the centred total
+
+    @property
+    def k(self) -> int:
+        return self.design_t.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return output_width(self.k)
+
+
+def output_width(k: int) -> int:
+    """Numbers per slice returned by :func:`fit_block`."""
+    return k + k * (k + 1) // 2 + 4
+
+
+def split_output(out: NDArray, k: int):
+    """``δ, cov, ssr, q, s, h2`` from :func:`fit_block`'s rows."""
+    p = k * (k + 1) // 2
+    delta = out[:, :k]
+    cov = unpack(out[:, k : k + p], k)
+    ssr, q, s, h2 = (out[:, k + p + j] for j in range(4))
+    return delta, cov, ssr, q, s, h2
+
+
+def _gram(weights: NDArray, bd: BlockDesign) -> NDArray[np.float64]:
+    """Per-slice ``Dᵀ W D`` for weights of shape (m, n): (m, k, k)."""
+    return unpack(np.dot(weights, bd.pairs).astype(np.float64), bd.k)
+
+
+def _solve(gram: NDArray, rhs: NDArray) -> NDArray[np.float64]:
+    try:
+        return np.linalg.solve(gram, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return np.einsum('mij,mj->mi', np.linalg.pinv(gram), rhs)
+
+
+def _median_abs(r: NDArray, bd: BlockDesign) -> NDArray[np.float64]:
+    """Robust residual scale per slice (MAD), over the fitted pixels."""
+    inside = r if bd.inside is None else r[:, bd.inside]
+    step = max(1, inside.shape[1] // 4096)  # 4096+ pixels are plenty
+    mad = np.median(np.abs(inside[:, ::step]), axis=1) * MAD_SCALE
+    return np.maximum(mad, np.finfo(np.float32).tiny)
+
+
+def fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
+    """Fit each slice of a block; return ``(m, n_out)`` float64 rows.
+
+    Parameters
+    ----------
+    yc : (m, n) ndarray
+        Whole slices centred on ``M``, working dtype, zero outside the mask.
+    bd : BlockDesign
+        The shared design.
+    spec : NoiseSpec
+        Noise model and standard-error mode.
+
+    Returns
+    -------
+    (m, output_width(k)) ndarray of float64
+        Per slice: ``δ`` (k), the covariance of ``δ`` (upper triangle),
+        ``SSR = Σ r²`` (unweighted), ``Σ yc²``, ``Σ yc`` and ``u2ᵀ yc``
+        (for the centred total sum of squares).
+    """
+    # NaN or inf in the data propagate silently here; the caller checks
+    # Σy² of every slice and names the first bad one.
+    with np.errstate(invalid='ignore', over='ignore', divide='ignore'):
+        return _fit_block(yc, bd, spec)
+
+
+def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
+    m = yc.shape[0]
+    k, n = bd.k, bd.n_pixels
+    dtype = yc.dtype
+    xty = np.dot(yc, bd.design_t.T).astype(np.float64)  # Dᵀ y, (m, k)
+    delta = xty @ bd.gram_inv
+    weights = None
+    bread = None
+    if spec.noise == 'poisson':
+        var_floor = 0.1 + spec.read_noise**2  # photons
+        for _ in range(spec.iterations):
+            model = np.dot(delta.astype(dtype), bd.design_t)
+            model += bd.centre
+            # variance in counts² of the model's photon count
+            photons = (model - spec.camera_offset) / spec.gain
+            np.maximum(photons, 0.0, out=photons)
+            photons += var_floor
+            weights = np.reciprocal(photons, out=photons)
+            weights *= 1.0 / spec.gain**2
+            gram = _gram(weights, bd)
+            delta = _solve(gram, np.dot(weights * yc, bd.design_t.T))
+        bread = gram
+    elif spec.noise == 'huber':
+        for _ in range(spec.iterations):
+            r = yc - np.dot(delta.astype(dtype), bd.design_t)
+            cut = (HUBER_C * _median_abs(r, bd)).astype(dtype)[:, None]
+            weights = np.minimum(1.0, cut / np.maximum(np.abs(r), 1e-30))
+            weights = weights.astype(dtype, copy=False)
+            gram = _gram(weights, bd)
+            delta = _solve(gram, np.dot(weights * yc, bd.design_t.T))
+    resid = np.dot(delta.astype(dtype), bd.design_t)
+    np.subtract(yc, resid, out=resid)
+    out = np.empty((m, bd.n_out))
+    p = k * (k + 1) // 2
+    out[:, :k] = delta
+    out[:, k + p] = np.vecdot(resid, resid)
+    out[:, k + p + 1] = np.vecdot(yc, yc)
+    out[:, k + p + 2] = yc.sum(axis=1, dtype=np.float64)
+    out[:, k + p + 3] = np.dot(yc, bd.basis_u2)
+    # last: the covariance may overwrite the residuals
+    out[:, k : k + p] = _covariance(resid, weights, bread, bd, spec, n, k)
+    return out
+
+
+def _covariance(resid, weights, bread, bd, spec, n, k) -> NDArray:
+    """Packed per-slice covariance of δ for the chosen stderr mode."""
+    m = resid.shape[0]
+    if spec.noise == 'huber':
+        cut = HUBER_C * _median_abs(resid, bd)[:, None]
+        # ψ' of Huber's loss; pixels outside the mask have D = 0 and no
+        # part in the bread, but count as inliers (their residual is 0)
+        inlier = (np.abs(resid) <= cut).astype(resid.dtype)
+        bread = _gram(inlier, bd)
+        n_out = resid.shape[1] - n
+        frac = (inlier.sum(axis=1, dtype=np.float64) - n_out) / n
+        psi = np.clip(resid, -cut, cut)
+    elif spec.noise == 'poisson':
+        psi = weights * resid
+    else:
+        psi = resid
+        bread = None
+    if spec.stderr == 'ols':
+        if spec.noise == 'gaussian':
+            sigma2 = np.vecdot(resid, resid).astype(np.float64) / (n - k)
+            cov = sigma2[:, None, None] * bd.gram_inv
+        elif spec.noise == 'poisson':
+            # quasi-likelihood: model-based covariance times the dispersion
+            phi = np.vecdot(psi, resid).astype(np.float64) / (n - k)
+            cov = phi[:, None, None] * np.linalg.inv(bread)
+        else:
+            # Huber's classic: E[ψ²] / E[ψ']² · (DᵀD)⁻¹
+            psi2 = np.vecdot(psi, psi).astype(np.float64) / (n - k)
+            frac = np.maximum(frac, 1.0 / n)
+            cov = (psi2 / frac**2)[:, None, None] * bd.gram_inv
+    else:
+        # sandwich: bread⁻¹ Ω bread⁻¹, Ω = Σ ψ² · terms (spatial HAC)
+        squares = np.square(psi, out=psi)  # psi is not needed after
+        omega = unpack(np.dot(squares, bd.terms).astype(np.float64), k)
+        omega *= n / (n - k)
+        inv = bd.gram_inv if bread is None else np.linalg.inv(bread)
+        cov = inv @ omega @ inv
+    packed = np.empty((m, k * (k + 1) // 2))
+    for j, (a, b) in enumerate(pair_index(k)):
+        packed[:, j] = cov[:, a, b] if cov.ndim == 3 else cov[a, b]
+    return packed

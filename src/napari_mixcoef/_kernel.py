@@ -1,0 +1,262 @@
+"""The streaming kernel: per-slice sums of cache-sized blocks, on threads.
+
+numpy and memmap stacks, zarr arrays (and dask arrays read piece by piece)
+are walked block by block (see :mod:`napari_mixcoef._chunks`); each block is
+cast and centred into a per-thread buffer and reduced by a few numpy calls
+that release the GIL, and runs of blocks are spread over a persistent pool
+of two threads.  Pure numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ._chunks import Block, as_numpy, read_runs
+from ._design import Design
+
+
+class Kernel:
+    """Per-slice sums of blocks, one working buffer per thread.
+
+    :meth:`accumulate` adds a block's sums into the rows of a ``(n, 5)``
+    float64 array; :meth:`centred_sums` turns them into ``u1ᵀy_c, u2ᵀy_c,
+    Σy_c, Σy_c²`` plus the magnitude of the largest sum behind ``Σy_c²``
+    (what the SSR guard compares with).  Each block costs two or three
+    numpy calls that release the GIL, so the Python overhead per block
+    stays far below its arithmetic.
+    """
+
+    def __init__(
+        self, stack, design: Design, lead_shape, ref_shape, chunk_bytes
+    ):
+        self.stack = stack
+        self.design = design
+        self.lead_shape = lead_shape
+        self.ref_shape = ref_shape
+        self.row_len = math.prod(ref_shape[1:])  # pixels per reference row
+        slice_bytes = math.prod(ref_shape) * design.dtype.itemsize
+        self.sub_rows = max(1, chunk_bytes // max(1, slice_bytes))
+        self._local = threading.local()
+        # float64 data stored as C-ordered slices needs neither a cast nor
+        # centring (its products with M are exact enough to centre
+        # afterwards): the kernel reads it in place, saving a pass.
+        self.rows = None
+        if design.dtype == np.float64 and design.mask is None:
+            self.rows = as_rows(stack, math.prod(lead_shape))
+        basis = design.basis
+        if self.rows is not None:
+            basis = np.vstack([basis, design.centre.reshape(1, -1)])
+        self._basis_t = basis.T  # (n_ref, 3 or 4), F-ordered view
+
+    def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
+        # With a mask only the fitted pixels are ever written, so the rest
+        # must start (and stay) zero: one buffer per thread and block shape.
+        buffers = getattr(self._local, 'buffers', None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        key = (rows, *shape)
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = np.zeros(key, self.design.dtype)
+        return buf
+
+    def pixel_range(self, block: Block) -> slice:
+        if not self.ref_shape:
+            return slice(None)
+        start, stop, _ = block.band.indices(self.ref_shape[0])
+        return slice(start * self.row_len, stop * self.row_len)
+
+    def _centre_and_where(self, band: slice):
+        d = self.design
+        if not self.ref_shape:
+            return d.centre, True if d.mask is None else d.mask
+        where = True if d.mask is None else d.mask[band]
+        return d.centre[band], where
+
+    def _band_shape(self, band: slice) -> tuple[int, ...]:
+        if not self.ref_shape:
+            return ()
+        n = len(range(*band.indices(self.ref_shape[0])))
+        return (n, *self.ref_shape[1:])
+
+    def centred_pieces(self, block: Block):
+        """Yield ``(row0, y_c)`` for cache-sized runs of the block's rows.
+
+        Each storage read (a zarr chunk can hold many slices) is cast and
+        centred a few slices at a time into the thread's buffer, so the
+        products that follow read it from the L2 cache.
+        """
+        centre, where = self._centre_and_where(block.band)
+        shape = self._band_shape(block.band)
+        for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
+            piece = as_numpy(piece)
+            for s0 in range(0, r1 - r0, self.sub_rows):
+                sub = piece[s0 : s0 + self.sub_rows]
+                buf = self._buffer(len(sub), shape)
+                if sub.dtype == buf.dtype:
+                    np.subtract(sub, centre, out=buf, where=where)
+                else:
+                    # a plain cast and an in-cache subtraction take 2/3 of
+                    # the time of one subtraction that casts as it goes
+                    np.copyto(buf, sub, casting='unsafe', where=where)
+                    np.subtract(buf, centre, out=buf, where=where)
+                yield r0 + s0, buf.reshape(len(sub), -1)
+
+    def centred(self, block: Block) -> np.ndarray:
+        """Read one block and centre it on M: ``(rows, n_band_pixels)``."""
+        rows = block.stop - block.start
+        out = np.zeros(
+            (rows, math.prod(self._band_shape(block.band))), self.design.dtype
+        )
+        for r0, yc in self.centred_pieces(block):
+            out[r0 : r0 + len(yc)] = yc
+        return out
+
+    def accumulate(self, block: Block, out: np.ndarray) -> None:
+        """Add the block's sums to ``out[block.start:block.stop]``."""
+        px = self.pixel_range(block)
+        basis_t = self._basis_t[px]
+        k = basis_t.shape[1]
+        if self.rows is not None:
+            pieces = [(0, self.rows[block.start : block.stop, px])]
+        else:
+            pieces = self.centred_pieces(block)
+        for r0, y in pieces:
+            rows = slice(block.start + r0, block.start + r0 + len(y))
+            # np.dot (not @: numpy's matmul keeps the GIL) runs one small
+            # BLAS GEMM against the transposed basis without copying it.
+            out[rows, :k] += np.dot(y, basis_t)
+            out[rows, 4] += np.vecdot(y, y)
+
+    def centred_sums(self, sums: np.ndarray) -> np.ndarray:
+        """Turn accumulated sums into centred ones (in place), see above."""
+        if self.rows is None:
+            sums[:, 3] = sums[:, 4]
+            return sums
+        # Sums over raw float64 y: Σ(y − M)² = Σy² − 2 Mᵀy + MᵀM, and so on.
+        basis = self._basis_t.T
+        with_centre = basis @ self.design.centre.reshape(-1)
+        with np.errstate(invalid='ignore'):  # inf data is reported later
+            sums[:, :3] -= with_centre[:3]
+            sums[:, 3] = sums[:, 4] - 2 * sums[:, 3] + with_centre[3]
+        return sums
+
+    def exact_ssr(self, block: Block, delta_basis: np.ndarray) -> np.ndarray:
+        """Σ (y_c − basis·δ)² per row, from the explicit residuals."""
+        yc = self.centred(block)
+        basis = self.design.basis[:, self.pixel_range(block)]
+        # Pixels outside the mask are zero in both yc and the basis.
+        resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
+        return np.vecdot(resid, resid)
+
+
+def as_rows(stack, n_slices: int) -> np.ndarray | None:
+    """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""
+    if not isinstance(stack, np.ndarray) or stack.dtype != np.float64:
+        return None
+    try:
+        return stack.reshape((n_slices, -1), copy=False)
+    except (ValueError, TypeError):  # a copy would be needed
+        return None
+
+
+def _n_threads() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_BLAS = None
+_POOL_LOCK = threading.Lock()
+
+
+def pool_and_blas():
+    """Return the shared chunk threads and BLAS controller (made once).
+
+    Starting threads and scanning the loaded libraries for BLAS take
+    longer than fitting a small stack, so both are kept between fits.
+    """
+    global _POOL, _BLAS
+    with _POOL_LOCK:
+        if _POOL is None:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS = ThreadpoolController()
+            _POOL = ThreadPoolExecutor(
+                _n_threads(), thread_name_prefix='mixcoef'
+            )
+    return _POOL, _BLAS
+
+
+def thread_run(
+    groups: list[list[Block]],
+    work: Callable[[Block], None],
+    check: Callable[[int, int], None],
+    n_slices: int,
+) -> Generator[tuple[int, int], None, None]:
+    """Run ``work`` on every block on the chunk threads, in runs.
+
+    ``check(start, stop)`` runs in the caller's thread on each finished run
+    of slices (it may raise, which stops the rest).  Yields
+    ``(done_slices, total_slices)`` as runs finish, in order.
+    """
+    stop_event = threading.Event()
+
+    def run_task(task: list[list[Block]]) -> None:
+        # Threads get runs of many blocks: a pool task costs tens of µs,
+        # as much as the work on one cache-sized block.
+        for group in task:
+            if stop_event.is_set():
+                return
+            for block in group:
+                work(block)
+
+    tasks = batch(groups)
+    yield 0, n_slices
+    pool, blas = pool_and_blas()
+    # BLAS runs single-threaded inside our chunk threads: nested threading
+    # would only oversubscribe the cores.
+    with blas.limit(limits=1, user_api='blas'):
+        futures = [pool.submit(run_task, task) for task in tasks]
+        try:
+            for task, fut in zip(tasks, futures):
+                fut.result()
+                start, stop = task[0][0].start, task[-1][0].stop
+                check(start, stop)
+                yield stop, n_slices
+        finally:
+            # a closed generator (cancelled fit) stops the other tasks too,
+            # and waits for the running ones: they write into the results
+            stop_event.set()
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if not fut.cancelled():
+                    fut.exception()
+
+
+def batch(groups) -> list[list[list[Block]]]:
+    """Split row groups into runs of ~16 chunk budgets of work each.
+
+    Few enough that pool overhead vanishes, many enough (≥ 8 when there
+    is work for it) for progress, cancellation and load balance.
+    """
+    per_task = max(1, min(16, len(groups) // 8))
+    return [groups[i : i + per_task] for i in range(0, len(groups), per_task)]
+
+
+def check_finite(q: np.ndarray, start: int, lead_shape) -> None:
+    """Raise ValueError naming the first slice whose ``Σy²`` is not finite."""
+    if not np.isfinite(q).all():
+        bad = start + int(np.flatnonzero(~np.isfinite(q))[0])
+        index = tuple(int(i) for i in np.unravel_index(bad, lead_shape))
+        raise ValueError(
+            f'stack slice {index} contains NaN or inf values in the fitted '
+            'pixels; replace them (e.g. np.nan_to_num) or leave those '
+            'pixels out with mask='
+        )
