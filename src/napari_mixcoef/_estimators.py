@@ -27,6 +27,9 @@ STDERR_MODES = ('auto', 'ols')
 HUBER_C = 1.345
 #: A robust standard deviation from the median absolute residual.
 MAD_SCALE = 1.4826
+#: Residuals beyond this many robust standard deviations get zero weight
+#: (a Gaussian pixel goes that far once in 500 million).
+REJECT = 6.0
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,13 @@ def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     elif spec.noise == 'huber':
         for _ in range(spec.iterations):
             r = yc - np.dot(delta.astype(dtype), bd.design_t)
-            cut = (HUBER_C * _median_abs(r, bd)).astype(dtype)[:, None]
-            weights = np.minimum(1.0, cut / np.maximum(np.abs(r), 1e-30))
+            scale = _median_abs(r, bd).astype(dtype)[:, None]
+            size = np.abs(r)
+            weights = np.minimum(
+                1.0, HUBER_C * scale / np.maximum(size, 1e-30)
+            )
+            # gross outliers (hot pixels, debris) get no say at all
+            weights[size > REJECT * scale] = 0.0
             weights = weights.astype(dtype, copy=False)
             gram = _gram(weights, bd)
             delta = _solve(gram, np.dot(weights * yc, bd.design_t.T))
@@ -224,7 +232,8 @@ def _covariance(resid, weights, bread, bd, spec, n, k) -> NDArray:
     """Packed per-slice covariance of δ for the chosen stderr mode."""
     m = resid.shape[0]
     if spec.noise == 'huber':
-        cut = HUBER_C * _median_abs(resid, bd)[:, None]
+        scale = _median_abs(resid, bd)[:, None]
+        cut = HUBER_C * scale
         # ψ' of Huber's loss; pixels outside the mask have D = 0 and no
         # part in the bread, but count as inliers (their residual is 0)
         inlier = (np.abs(resid) <= cut).astype(resid.dtype)
@@ -232,6 +241,7 @@ def _covariance(resid, weights, bread, bd, spec, n, k) -> NDArray:
         n_out = resid.shape[1] - n
         frac = (inlier.sum(axis=1, dtype=np.float64) - n_out) / n
         psi = np.clip(resid, -cut, cut)
+        psi[np.abs(resid) > REJECT * scale] = 0.0
     elif spec.noise == 'poisson':
         psi = weights * resid
     else:

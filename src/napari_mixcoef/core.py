@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -287,10 +287,11 @@ def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
     """Residual-based fits: whole slices per block (see _estimators)."""
     lead_shape = kernel.lead_shape
     n_slices = math.prod(lead_shape)
+    bd = _block_design(design, kernel.ref_shape, None)
     rho = None
     if spec.stderr == 'auto':
-        rho = _noise_kernel(kernel, design, n_slices)
-    bd = _block_design(design, kernel.ref_shape, rho)
+        rho = _noise_kernel(kernel, bd, spec, n_slices)
+        bd = _block_design(design, kernel.ref_shape, rho)
     k = design.k
     q_col = k + k * (k + 1) // 2 + 1
     if is_dask(stack):
@@ -323,27 +324,34 @@ _KERNEL_SLICES = 16
 _KERNEL_PIXELS = 1 << 18
 
 
-def _noise_kernel(kernel: Kernel, design: Design, n_slices: int):
-    """Pooled spatial correlation of the OLS residuals of a few slices."""
-    if n_slices == 0 or not kernel.ref_shape:
-        return np.ones((1,) * len(kernel.ref_shape))
-    n_ref = math.prod(kernel.ref_shape)
+def _noise_kernel(
+    kernel: Kernel, bd: BlockDesign, spec: NoiseSpec, n_slices: int
+):
+    """Pooled spatial correlation of a few slices' residuals.
+
+    The residuals come from the same estimator as the fit (a robust fit's
+    residuals do not carry the pattern that hot pixels pull into OLS).
+    """
+    shape = kernel.ref_shape
+    if n_slices == 0 or not shape:
+        return np.ones((1,) * len(shape))
     # enough pixels for lags to be precise, few enough to stay small
-    count = int(np.clip(_KERNEL_PIXELS // n_ref, 1, _KERNEL_SLICES))
+    count = _KERNEL_PIXELS // math.prod(shape)
+    count = int(np.clip(count, 1, _KERNEL_SLICES))
     picks = np.unique(np.linspace(0, n_slices - 1, count).astype(int))
-    columns = design.transform.T @ design.basis.astype(np.float64)  # (k, n)
-    resid = np.empty((len(picks), *kernel.ref_shape))
-    for j, i in enumerate(picks):
-        yc = kernel.centred(Block(int(i), int(i) + 1, slice(None)))
-        yc = yc.astype(np.float64)
-        with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
-            delta = (yc @ columns.T) @ design.gram_inv
-            resid[j] = (yc - delta @ columns).reshape(kernel.ref_shape)
-    finite = np.isfinite(resid).reshape(len(picks), -1).all(axis=1)
+    yc = np.concatenate(
+        [kernel.centred(Block(int(i), int(i) + 1, slice(None))) for i in picks]
+    )
+    k = bd.k
+    with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
+        delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, :k]
+        resid = yc.astype(np.float64) - delta @ bd.design_t.astype(np.float64)
+    finite = np.isfinite(resid).all(axis=1)
     if not finite.all():
         bad = int(picks[np.flatnonzero(~finite)[0]])
         check_finite(np.array([np.nan]), bad, kernel.lead_shape)
-    return noise_correlation(resid, design.mask, overwrite=True)
+    resid = resid.reshape((len(picks), *shape))
+    return noise_correlation(resid, kernel.design.mask, overwrite=True)
 
 
 def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
