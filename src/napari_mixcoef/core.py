@@ -321,7 +321,7 @@ def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
 #: At most this many slices, and about this many pixels, estimate the
 #: noise's spatial correlation.
 _KERNEL_SLICES = 16
-_KERNEL_PIXELS = 1 << 18
+_KERNEL_PIXELS = 1 << 17
 
 
 def _noise_kernel(
