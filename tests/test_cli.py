@@ -308,3 +308,49 @@ def test_batch_on_a_distributed_scheduler(tmp_path):
         ]
     )
     assert_allclose(x, expected, rtol=1e-6)
+
+
+def test_statistics_options(files, capsys):
+    path, stack, a, b, _ = files
+    out = path / 'p.csv'
+    common = [
+        'fit',
+        str(path / 'stack.npy'),
+        '--ref1',
+        str(path / 'a.npy'),
+        '--ref2',
+        str(path / 'b.tif'),
+        '--csv',
+        str(out),
+    ]
+    code = main(
+        common
+        + [
+            '--noise',
+            'poisson',
+            '--gain',
+            '2',
+            '--camera-offset',
+            '10',
+            '--read-noise',
+            '1.5',
+            '--stderr',
+            'ols',
+        ]
+    )
+    assert code == 0
+    expected = fit_stack(
+        stack,
+        a,
+        b,
+        noise='poisson',
+        gain=2.0,
+        camera_offset=10.0,
+        read_noise=1.5,
+        stderr='ols',
+    )
+    table = read_csv(out)
+    assert_allclose(table['x'], expected.x, rtol=1e-8)
+    assert_allclose(table['x_stderr'], expected.x_stderr, rtol=1e-8)
+    assert main(common + ['--noise', 'poisson', '--gain', '-1']) == 2
+    assert 'gain must be a positive' in capsys.readouterr().err

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ._estimators import NOISE_MODELS, STDERR_MODES
 from .core import MODELS
 
 PROG = 'napari-mixcoef'
@@ -75,6 +76,35 @@ def _parser() -> argparse.ArgumentParser:
         '--residual',
         metavar='OUT',
         help='also write the residual stack (.npy/.tif/.zarr); one stack only',
+    )
+    stats = fit.add_argument_group('statistics')
+    stats.add_argument(
+        '--noise',
+        choices=NOISE_MODELS,
+        default='gaussian',
+        help='noise model (default: gaussian, i.e. least squares)',
+    )
+    stats.add_argument(
+        '--gain', type=float, default=1.0, help='counts per photon (poisson)'
+    )
+    stats.add_argument(
+        '--camera-offset',
+        type=float,
+        default=0.0,
+        help='counts at zero light (poisson)',
+    )
+    stats.add_argument(
+        '--read-noise',
+        type=float,
+        default=0.0,
+        help='read noise in photons rms (poisson)',
+    )
+    stats.add_argument(
+        '--stderr',
+        choices=STDERR_MODES,
+        default='auto',
+        help='auto: robust to unequal and correlated noise '
+        '(default); ols: textbook',
     )
     fit.add_argument(
         '--scheduler',
@@ -144,6 +174,11 @@ def _run_fit(args: argparse.Namespace) -> int:
                         model=args.model,
                         mask=mask,
                         progress=_ProgressBar(label),
+                        noise=args.noise,
+                        gain=args.gain,
+                        camera_offset=args.camera_offset,
+                        read_noise=args.read_noise,
+                        stderr=args.stderr,
                     )
                     if args.residual:
                         _io.write_stack(

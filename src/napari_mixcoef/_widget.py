@@ -15,13 +15,15 @@ import numpy as np
 from magicgui.widgets import (
     ComboBox,
     Container,
+    FloatSpinBox,
     Label,
     ProgressBar,
     PushButton,
 )
 from psygnal import Signal
 
-from .core import MODELS
+from ._estimators import NOISE_MODELS, STDERR_MODES
+from .core import MODELS, reference_diagnostics
 
 if TYPE_CHECKING:
     import napari
@@ -31,6 +33,16 @@ if TYPE_CHECKING:
 #: Name of the coefficient plot dock (the contract asks for "plot").
 PLOT_DOCK_NAME = 'Mixing coefficients plot'
 _OUTPUT_KEY = 'mixcoef'
+_NOISE_LABELS = {
+    'gaussian': 'Gaussian (least squares)',
+    'poisson': 'Poisson (photon counts)',
+    'huber': 'Huber (robust to hot pixels)',
+}
+_STDERR_LABELS = {
+    'auto': 'robust (unequal, correlated noise)',
+    'ols': 'textbook OLS',
+}
+_BASIS_KEY = 'mixcoef_basis'
 _MODEL_LABELS = {
     'mix': 'x·A + (1−x)·B  (mix)',
     'scaled': 'a·A + b·B  (scaled)',
@@ -38,7 +50,7 @@ _MODEL_LABELS = {
 }
 
 
-def _fit_in_thread(stack, ref1, ref2, mask, model):
+def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     """Worker body: yield ``(done, total)`` per chunk, return the result.
 
     Runs in the worker thread, so this is where lazy (dask) references and
@@ -54,7 +66,7 @@ def _fit_in_thread(stack, ref1, ref2, mask, model):
     ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
     if mask is not None:
         mask = as_numpy(mask) != 0
-    fit = yield from _fit_steps(stack, ref1, ref2, model=model, mask=mask)
+    fit = yield from _fit_steps(stack, ref1, ref2, mask=mask, **options)
     return fit, residuals(stack, ref1, ref2, fit)
 
 
@@ -90,12 +102,50 @@ class MixcoefWidget(Container):
                 ComboBox(name='stack', label='stack'),
                 ComboBox(name='reference_1', label='reference 1'),
                 ComboBox(name='reference_2', label='reference 2'),
+                Label(name='diagnostics', label=' ', value=''),
+                PushButton(name='show_basis', text='Show avg/diff basis'),
                 ComboBox(name='mask', label='mask', nullable=True),
                 ComboBox(
                     name='model',
                     label='model',
                     choices=[(_MODEL_LABELS[m], m) for m in MODELS],
                     value='mix',
+                ),
+                ComboBox(
+                    name='noise',
+                    label='noise',
+                    choices=[(_NOISE_LABELS[m], m) for m in NOISE_MODELS],
+                    value='gaussian',
+                ),
+                FloatSpinBox(
+                    name='gain',
+                    label='gain (counts/photon)',
+                    value=1.0,
+                    min=1e-6,
+                    max=1e6,
+                    step=0.1,
+                ),
+                FloatSpinBox(
+                    name='camera_offset',
+                    label='camera offset',
+                    value=0.0,
+                    min=-1e9,
+                    max=1e9,
+                    step=1.0,
+                ),
+                FloatSpinBox(
+                    name='read_noise',
+                    label='read noise (photons)',
+                    value=0.0,
+                    min=0.0,
+                    max=1e6,
+                    step=0.1,
+                ),
+                ComboBox(
+                    name='stderr',
+                    label='errors',
+                    choices=[(_STDERR_LABELS[m], m) for m in STDERR_MODES],
+                    value='auto',
                 ),
                 PushButton(name='run', text='Run'),
                 PushButton(name='cancel', text='Cancel', enabled=False),
@@ -115,11 +165,14 @@ class MixcoefWidget(Container):
         self.mask.choices = self._mask_choices
         # a word-wrapped label in a form row needs room for three lines
         self.status.native.setWordWrap(True)
+        self.diagnostics.native.setWordWrap(True)
         self.status.native.setMinimumHeight(
             4 * self.status.native.fontMetrics().height()
         )
         self._connect_events()
         self.reset_choices()
+        self._on_noise_changed()
+        self._update_diagnostics()
         # stop a running fit when the widget goes away with the viewer
         holder = {'worker': None, 'closed': False}
         self._holder = holder
@@ -152,6 +205,7 @@ class MixcoefWidget(Container):
             if (
                 ref
                 and layer is not stack
+                and _BASIS_KEY not in layer.metadata
                 and 2 <= len(ref) < len(shape)
                 and shape[len(shape) - len(ref) :] == ref
             ):
@@ -195,6 +249,10 @@ class MixcoefWidget(Container):
         self.stack.changed.connect(self._on_stack_changed)
         self.reference_1.changed.connect(self._on_reference_changed)
         self.run.changed.connect(self._on_run)
+        self.reference_2.changed.connect(self._update_diagnostics)
+        self.mask.changed.connect(self._update_diagnostics)
+        self.noise.changed.connect(self._on_noise_changed)
+        self.show_basis.changed.connect(self._on_show_basis)
         self.cancel.changed.connect(self._on_cancel)
 
     def _disconnect_events(self) -> None:
@@ -227,6 +285,104 @@ class MixcoefWidget(Container):
     def _on_reference_changed(self, _value=None) -> None:
         self.mask.reset_choices()
         self._default_second_reference()
+        self._update_diagnostics()
+
+    def _on_noise_changed(self, _value=None) -> None:
+        poisson = self.noise.value == 'poisson'
+        for widget in (self.gain, self.camera_offset, self.read_noise):
+            widget.visible = poisson
+
+    def options(self) -> dict:
+        """Keyword arguments of :func:`fit_stack` set in the form."""
+        return {
+            'model': self.model.value,
+            'noise': self.noise.value,
+            'gain': float(self.gain.value),
+            'camera_offset': float(self.camera_offset.value),
+            'read_noise': float(self.read_noise.value),
+            'stderr': self.stderr.value,
+        }
+
+    def _picked_references(self):
+        """Return the two reference arrays if picked, distinct, in memory."""
+        ref1, ref2 = self.reference_1.value, self.reference_2.value
+        if ref1 is None or ref2 is None or ref1 is ref2:
+            return None
+        arrays = (ref1.data, ref2.data)
+        # lazy (dask) references are read by the worker, not here
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            return None
+        return arrays
+
+    def _update_diagnostics(self, _value=None) -> None:
+        """Say how well the picked references can be told apart."""
+        arrays = self._picked_references()
+        mask = self.mask.value
+        if arrays is None:
+            self.diagnostics.value = ''
+            return
+        mask_data = mask.data if mask is not None else None
+        if mask_data is not None and not isinstance(mask_data, np.ndarray):
+            mask_data = None
+        try:
+            d = reference_diagnostics(*arrays, mask=mask_data)
+        except (ValueError, TypeError) as err:
+            self.diagnostics.value = str(err)
+            self.diagnostics.native.setStyleSheet('color: #e06c75;')
+            return
+        text = (
+            f'A−B holds {100 * d["diff_energy_fraction"]:.3g} % of the '
+            f"pair's energy; x ± {d['x_stderr_per_noise']:.2g} per unit of "
+            'white noise'
+        )
+        bad = d['collinear'] or d['nearly_collinear']
+        if d['collinear']:
+            text = 'collinear references: x cannot be measured. ' + text
+        elif d['nearly_collinear']:
+            text = 'nearly collinear references: ' + text
+        self.diagnostics.value = text
+        self.diagnostics.native.setStyleSheet('color: #e5c07b;' if bad else '')
+
+    def _on_show_basis(self, _value=None) -> None:
+        """Add (or update) the avg/diff basis of the references as layers.
+
+        ``(A+B)/√2`` is what the references share, ``(A−B)/√2`` where they
+        differ: only pixels bright in the second tell a mix apart.
+        """
+        arrays = self._picked_references()
+        if arrays is None:
+            self._show_status(
+                'pick two different, in-memory reference layers first',
+                error=True,
+            )
+            return
+        a, b = (np.asarray(v, dtype=np.float32) for v in arrays)
+        avg, diff = (a + b) / np.sqrt(2), (a - b) / np.sqrt(2)
+        spread = float(np.abs(diff).max()) or 1.0
+        ref = self.reference_1.value
+        for name, data, props in (
+            ('avg basis (A+B)/√2', avg, {'colormap': 'gray'}),
+            (
+                'diff basis (A−B)/√2',
+                diff,
+                {'colormap': 'PiYG', 'contrast_limits': (-spread, spread)},
+            ),
+        ):
+            props = dict(
+                props,
+                scale=ref.scale,
+                translate=ref.translate,
+                metadata={_BASIS_KEY: True},
+            )
+            if name in self._viewer.layers and _BASIS_KEY in (
+                self._viewer.layers[name].metadata
+            ):
+                layer = self._viewer.layers[name]
+                layer.data = data
+                for key, value in props.items():
+                    setattr(layer, key, value)
+            else:
+                self._viewer.add_image(data, name=name, **props)
 
     # -- running ------------------------------------------------------------
 
@@ -274,7 +430,7 @@ class MixcoefWidget(Container):
             ref1.data,
             ref2.data,
             None if mask is None else mask.data,
-            self.model.value,
+            self.options(),
             _start_thread=False,
             _ignore_errors=True,
         )
@@ -356,6 +512,8 @@ class MixcoefWidget(Container):
             'stderr': fit.stderr,
             'names': fit.names,
             'model': fit.model,
+            'noise': fit.noise,
+            'stderr_mode': fit.stderr_mode,
             'n_pixels': fit.n_pixels,
             'stack': stack.name,
             'reference_1': ref1.name,

@@ -249,3 +249,48 @@ def test_closing_the_viewer_mid_run_stops_the_fit(make_napari_viewer, qtbot):
     viewer.close()
     qtbot.waitUntil(lambda: bool(finished), timeout=30_000)
     assert worker.abort_requested
+
+
+def test_noise_options_diagnostics_and_basis(sample_viewer, qtbot):
+    viewer, w = sample_viewer
+    assert 'energy' in w.diagnostics.value
+    assert w.gain.native.isHidden()  # detector settings: Poisson only
+    w.noise.value = 'poisson'
+    assert not w.gain.native.isHidden()
+    assert not w.read_noise.native.isHidden()
+    w.gain.value = 1.0
+    w.camera_offset.value = 100.0
+    w.read_noise.value = 3.0
+    w.stderr.value = 'auto'
+    fit = run_and_wait(qtbot, w)
+    stack = viewer.layers['mixture stack'].data
+    ref1 = viewer.layers['reference 1'].data
+    ref2 = viewer.layers['reference 2'].data
+    expected = fit_stack(
+        stack, ref1, ref2, noise='poisson', camera_offset=100.0, read_noise=3.0
+    )
+    assert_allclose(fit.x, expected.x, rtol=1e-10)
+    assert_allclose(fit.x_stderr, expected.x_stderr, rtol=1e-10)
+    meta = viewer.layers['mixture stack residual'].metadata['mixcoef']
+    assert meta['noise'] == 'poisson' and meta['stderr_mode'] == 'auto'
+    n_layers = len(viewer.layers)
+    w.show_basis.native.click()
+    w.show_basis.native.click()  # a second click updates, adds nothing
+    assert len(viewer.layers) == n_layers + 2
+    diff = viewer.layers['diff basis (A−B)/√2'].data
+    assert_allclose(diff, (ref1 - ref2) / np.sqrt(2), rtol=1e-5)
+    # the basis layers are not offered as references
+    names = [getattr(c, 'name', c) for c in w.reference_1.choices]
+    assert 'diff basis (A−B)/√2' not in names
+
+
+def test_nearly_collinear_references_are_flagged(make_napari_viewer):
+    viewer = make_napari_viewer()
+    a = np.random.default_rng(1).random((16, 16)) + 1
+    viewer.add_image(a, name='A')
+    viewer.add_image(
+        a + 0.001 * np.random.default_rng(2).random((16, 16)), name='A too'
+    )
+    viewer.add_image(np.stack([a] * 5), name='s')
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    assert 'collinear' in w.diagnostics.value
