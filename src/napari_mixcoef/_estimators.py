@@ -110,6 +110,7 @@ class BlockDesign:
     inside: NDArray | None
     n_pixels: int
     basis_u2: NDArray  # u2 over all pixels, for the centred total
+    sample: NDArray  # ≤ 2048 fitted pixels' indices, for robust scales
 
     @property
     def k(self) -> int:
@@ -148,9 +149,12 @@ def _solve(gram: NDArray, rhs: NDArray) -> NDArray[np.float64]:
 
 def _median_abs(r: NDArray, bd: BlockDesign) -> NDArray[np.float64]:
     """Robust residual scale per slice (MAD), over the fitted pixels."""
-    inside = r if bd.inside is None else r[:, bd.inside]
-    step = max(1, inside.shape[1] // 4096)  # 4096+ pixels are plenty
-    mad = np.median(np.abs(inside[:, ::step]), axis=1) * MAD_SCALE
+    # a spread-out sample of ≤ 2048 fitted pixels is plenty for a scale;
+    # a partition is 10× faster than np.median here
+    sample = np.abs(r[:, bd.sample])
+    middle = sample.shape[1] // 2
+    sample.partition(middle, axis=1)
+    mad = sample[:, middle].astype(np.float64) * MAD_SCALE
     return np.maximum(mad, np.finfo(np.float32).tiny)
 
 
@@ -179,43 +183,56 @@ def fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
         return _fit_block(yc, bd, spec)
 
 
+def _model_into(delta: NDArray, bd: BlockDesign, out: NDArray) -> NDArray:
+    """``D δ`` per slice into ``out`` (m, n), without temporaries.
+
+    OpenBLAS is 3× slower for a GEMM with an inner dimension of 1 than a
+    broadcast product; from 2 on, the GEMM is the faster.
+    """
+    delta = np.ascontiguousarray(delta, dtype=out.dtype)
+    if bd.k == 1:
+        return np.multiply(delta, bd.design_t[0], out=out)
+    return np.dot(delta, bd.design_t, out=out)
+
+
 def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     m = yc.shape[0]
     k, n = bd.k, bd.n_pixels
-    dtype = yc.dtype
     xty = np.dot(yc, bd.design_t.T).astype(np.float64)  # Dᵀ y, (m, k)
     delta = xty @ bd.gram_inv
+    # two scratch arrays of the block's size serve every step in place
+    work = np.empty_like(yc)
     weights = None
     bread = None
     if spec.noise == 'poisson':
-        var_floor = 0.1 + spec.read_noise**2  # photons
+        # weights ∝ 1 / variance of the model's count: their scale cancels
+        # in δ and in both covariances, so gain² is left out
+        floor = spec.gain * (0.1 + spec.read_noise**2)  # counts
+        # variance ∝ max(μ − offset, 0) + floor = max(μ − offset + floor,
+        # floor), with μ = M + Dδ
+        shift = (bd.centre - spec.camera_offset + floor).astype(yc.dtype)
+        weights = np.empty_like(yc)
         for _ in range(spec.iterations):
-            model = np.dot(delta.astype(dtype), bd.design_t)
-            model += bd.centre
-            # variance in counts² of the model's photon count
-            photons = (model - spec.camera_offset) / spec.gain
-            np.maximum(photons, 0.0, out=photons)
-            photons += var_floor
-            weights = np.reciprocal(photons, out=photons)
-            weights *= 1.0 / spec.gain**2
+            _model_into(delta, bd, weights)
+            weights += shift
+            np.maximum(weights, floor, out=weights)
+            np.reciprocal(weights, out=weights)
             gram = _gram(weights, bd)
-            delta = _solve(gram, np.dot(weights * yc, bd.design_t.T))
+            np.multiply(weights, yc, out=work)
+            delta = _solve(gram, np.dot(work, bd.design_t.T))
         bread = gram
     elif spec.noise == 'huber':
+        # Huber and Dutter's H-algorithm: δ += (DᵀD)⁻¹ Dᵀ ψ(r), with the
+        # shared Gram matrix; it converges at the rate of the fraction of
+        # clipped pixels (~0.2 for Gaussian noise)
+        size = np.empty_like(yc)
         for _ in range(spec.iterations):
-            r = yc - np.dot(delta.astype(dtype), bd.design_t)
-            scale = _median_abs(r, bd).astype(dtype)[:, None]
-            size = np.abs(r)
-            weights = np.minimum(
-                1.0, HUBER_C * scale / np.maximum(size, 1e-30)
+            resid = np.subtract(yc, _model_into(delta, bd, work), out=work)
+            delta = (
+                delta
+                + np.dot(_psi(resid, bd, size), bd.design_t.T) @ bd.gram_inv
             )
-            # gross outliers (hot pixels, debris) get no say at all
-            weights[size > REJECT * scale] = 0.0
-            weights = weights.astype(dtype, copy=False)
-            gram = _gram(weights, bd)
-            delta = _solve(gram, np.dot(weights * yc, bd.design_t.T))
-    resid = np.dot(delta.astype(dtype), bd.design_t)
-    np.subtract(yc, resid, out=resid)
+    resid = np.subtract(yc, _model_into(delta, bd, work), out=work)
     out = np.empty((m, bd.n_out))
     p = k * (k + 1) // 2
     out[:, :k] = delta
@@ -228,20 +245,29 @@ def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     return out
 
 
+def _psi(resid: NDArray, bd: BlockDesign, size: NDArray) -> NDArray:
+    """Huber's ψ of the residuals, in place, gross outliers set to 0."""
+    scale = _median_abs(resid, bd).astype(resid.dtype)[:, None]
+    np.abs(resid, out=size)
+    # gross outliers (hot pixels, debris) get no say at all
+    gross = size > REJECT * scale
+    np.clip(resid, -HUBER_C * scale, HUBER_C * scale, out=resid)
+    resid[gross] = 0.0
+    return resid
+
+
 def _covariance(resid, weights, bread, bd, spec, n, k) -> NDArray:
     """Packed per-slice covariance of δ for the chosen stderr mode."""
     m = resid.shape[0]
     if spec.noise == 'huber':
-        scale = _median_abs(resid, bd)[:, None]
-        cut = HUBER_C * scale
+        cut = HUBER_C * _median_abs(resid, bd).astype(resid.dtype)[:, None]
         # ψ' of Huber's loss; pixels outside the mask have D = 0 and no
         # part in the bread, but count as inliers (their residual is 0)
         inlier = (np.abs(resid) <= cut).astype(resid.dtype)
         bread = _gram(inlier, bd)
         n_out = resid.shape[1] - n
         frac = (inlier.sum(axis=1, dtype=np.float64) - n_out) / n
-        psi = np.clip(resid, -cut, cut)
-        psi[np.abs(resid) > REJECT * scale] = 0.0
+        psi = _psi(resid, bd, inlier)
     elif spec.noise == 'poisson':
         psi = weights * resid
     else:

@@ -365,6 +365,8 @@ def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
         smooth = smoothed(columns.reshape((k, *ref_shape)), rho)
         terms = sandwich_terms(columns, smooth.reshape(k, -1)).astype(dtype)
     inside = None if design.mask is None else np.flatnonzero(design.mask)
+    fitted = np.arange(columns.shape[1]) if inside is None else inside
+    sample = fitted[:: max(1, len(fitted) // 2048)]
     return BlockDesign(
         design_t=columns.astype(dtype),
         pairs=pairs.astype(dtype),
@@ -374,6 +376,7 @@ def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
         inside=inside,
         n_pixels=design.n_pixels,
         basis_u2=design.basis[1],
+        sample=sample,
     )
 
 
