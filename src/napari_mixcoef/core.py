@@ -6,17 +6,22 @@ How the fit works
 -----------------
 Every slice ``y`` (``n`` fitted pixels) is regressed on the same design
 ``D`` (``n × k``), so the ``k × k`` Gram matrix ``DᵀD`` is computed and
-inverted once, from the references alone.  Each slice then needs only a few
-numbers -- its *sufficient statistics* -- gathered in one streaming pass:
+inverted once, from the references alone.  The stack is read once, in
+cache-sized blocks spread over two threads (:mod:`._kernel`); each block is
+cast to the working float type while it is centred on the mean reference
+``M = (A + B) / 2``.
 
-* the pixels are centred on the mean reference ``M = (A + B) / 2`` while
-  they are cast to the working float type (one ufunc call per block);
-* three BLAS matrix-vector products with the basis ``u1 = A − B``,
-  ``u2 = M − mean(M)``, ``u3 = 1`` (the avg/diff basis of the pair);
-* one BLAS dot product per slice for ``Σ y_c²``.
-
-Every model's design is a fixed linear map of that basis, so the statistics
-of all three models follow from the same four numbers per slice.
+* ``stderr="ols"`` with Gaussian noise needs only sums per slice: one small
+  BLAS product with the basis ``u1 = A − B``, ``u2 = M − mean(M)``,
+  ``u3 = 1`` (the avg/diff basis of the pair) and one dot product give
+  every statistic of every model, whose designs are fixed linear maps of
+  that basis.  Sums add up over pixels, so slices may be split into bands
+  and dask blocks may split the image axes (:mod:`._dask`).
+* Everything else (the default robust errors, Poisson and Huber fits)
+  needs each slice's residuals: blocks hold whole slices and
+  :mod:`._estimators` fits them, vectorized over the block's slices; the
+  noise's spatial correlation is estimated once from a few slices
+  (:mod:`._spatial`).
 
 Accuracy
 --------
@@ -25,10 +30,11 @@ about ``log10(y_cᵀy_c / SSR)`` digits.  Centring on ``M`` keeps that ratio
 near ``1 + (x − ½)²‖A − B‖² / ‖noise‖²`` (small for real data) instead of
 ``‖image‖² / ‖noise‖²``.  Slices where the ratio still exceeds
 ``1 / _GUARD`` (nearly noise-free data, R² ≈ 1) are recomputed from their
-explicit residuals in a second pass over those slices only.  Measured
-against float64 ``scipy.linalg.lstsq`` (see ``tests/test_core.py``): about
-1e-12 relative for float64 input and better than 2e-5 for 16-bit/float32
-input, whose working type is float32.
+explicit residuals in a second pass over those slices only; the residual
+path computes SSR from explicit residuals anyway.  Measured against
+float64 ``scipy.linalg.lstsq`` (see ``tests/test_core.py``): about 1e-12
+relative for float64 input and better than 2e-5 for 16-bit/float32 input,
+whose working type is float32.
 """
 
 from __future__ import annotations
