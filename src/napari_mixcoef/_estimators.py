@@ -13,6 +13,7 @@ coefficients relative to those of ``M``; the model image is ``M + Dδ``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +110,8 @@ class BlockDesign:
     gram_inv: NDArray[np.float64]
     inside: NDArray | None
     n_pixels: int
-    basis_u2: NDArray  # u2 over all pixels, for the centred total
+    basis_t: NDArray  # (n, 3) F-ordered: u1, u2, 1 (zero outside the mask)
+    transform: NDArray[np.float64]  # (3, k): D = basis · transform
     sample: NDArray  # ≤ 2048 fitted pixels' indices, for robust scales
 
     @property
@@ -133,6 +135,27 @@ def split_output(out: NDArray, k: int):
     cov = unpack(out[:, k : k + p], k)
     ssr, q, s, h2 = (out[:, k + p + j] for j in range(4))
     return delta, cov, ssr, q, s, h2
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, like: NDArray) -> NDArray:
+    """Return a per-thread work array shaped like ``like`` (reused).
+
+    A fresh 1 MiB array costs its page faults on first write -- here more
+    than the arithmetic of the pass that fills it.
+    """
+    arrays = getattr(_LOCAL, 'arrays', None)
+    if arrays is None:
+        arrays = _LOCAL.arrays = {}
+    key = (name, like.shape, like.dtype.str)
+    out = arrays.get(key)
+    if out is None:
+        if len(arrays) > 16:  # block shapes changed: start afresh
+            arrays.clear()
+        out = arrays[key] = np.empty_like(like)
+    return out
 
 
 def _gram(weights: NDArray, bd: BlockDesign) -> NDArray[np.float64]:
@@ -198,12 +221,14 @@ def _model_into(delta: NDArray, bd: BlockDesign, out: NDArray) -> NDArray:
 def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     m = yc.shape[0]
     k, n = bd.k, bd.n_pixels
-    xty = np.dot(yc, bd.design_t.T).astype(np.float64)  # Dᵀ y, (m, k)
-    delta = xty @ bd.gram_inv
-    # two scratch arrays of the block's size serve every step in place
-    work = np.empty_like(yc)
+    # one small GEMM with the avg/diff basis gives Dᵀy, Σy and u2ᵀy
+    h = np.dot(yc, bd.basis_t).astype(np.float64)  # (m, 3)
+    delta = (h @ bd.transform) @ bd.gram_inv
+    # a few scratch arrays of the block's size serve every step in place
+    work = _scratch('work', yc)
     weights = None
     bread = None
+    scale = None
     if spec.noise == 'poisson':
         # weights ∝ 1 / variance of the model's count: their scale cancels
         # in δ and in both covariances, so gain² is left out
@@ -211,43 +236,54 @@ def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
         # variance ∝ max(μ − offset, 0) + floor = max(μ − offset + floor,
         # floor), with μ = M + Dδ
         shift = (bd.centre - spec.camera_offset + floor).astype(yc.dtype)
-        weights = np.empty_like(yc)
+        # np.maximum against a scalar is 4× slower here than against a row
+        floor_row = np.full(yc.shape[1], floor, yc.dtype)
+        one = yc.dtype.type(1)
+        weights = _scratch('weights', yc)
+        # y ∘ D_j once, so that each iteration's Dᵀ W y is k row-wise dots
+        yd = [
+            np.multiply(yc, column, out=_scratch(f'yd{j}', yc))
+            for j, column in enumerate(bd.design_t)
+        ]
         for _ in range(spec.iterations):
             _model_into(delta, bd, weights)
             weights += shift
-            np.maximum(weights, floor, out=weights)
-            np.reciprocal(weights, out=weights)
+            np.maximum(weights, floor_row, out=weights)
+            np.divide(one, weights, out=weights)  # 1.7× np.reciprocal
             gram = _gram(weights, bd)
-            np.multiply(weights, yc, out=work)
-            delta = _solve(gram, np.dot(work, bd.design_t.T))
+            rhs = np.stack([np.vecdot(weights, v) for v in yd], axis=1)
+            delta = _solve(gram, rhs.astype(np.float64))
         bread = gram
     elif spec.noise == 'huber':
         # Huber and Dutter's H-algorithm: δ += (DᵀD)⁻¹ Dᵀ ψ(r), with the
         # shared Gram matrix; it converges at the rate of the fraction of
         # clipped pixels (~0.2 for Gaussian noise)
-        size = np.empty_like(yc)
-        for _ in range(spec.iterations):
+        size = _scratch('size', yc)
+        for i in range(spec.iterations):
             resid = np.subtract(yc, _model_into(delta, bd, work), out=work)
-            delta = (
-                delta
-                + np.dot(_psi(resid, bd, size), bd.design_t.T) @ bd.gram_inv
-            )
+            # the scale settles after two steps; later ones reuse it
+            if i < 2:
+                scale = _median_abs(resid, bd)
+            psi = _psi(resid, bd, size, scale)
+            delta = delta + np.dot(psi, bd.design_t.T) @ bd.gram_inv
     resid = np.subtract(yc, _model_into(delta, bd, work), out=work)
     out = np.empty((m, bd.n_out))
     p = k * (k + 1) // 2
     out[:, :k] = delta
     out[:, k + p] = np.vecdot(resid, resid)
     out[:, k + p + 1] = np.vecdot(yc, yc)
-    out[:, k + p + 2] = yc.sum(axis=1, dtype=np.float64)
-    out[:, k + p + 3] = np.dot(yc, bd.basis_u2)
+    out[:, k + p + 2] = h[:, 2]
+    out[:, k + p + 3] = h[:, 1]
     # last: the covariance may overwrite the residuals
-    out[:, k : k + p] = _covariance(resid, weights, bread, bd, spec, n, k)
+    out[:, k : k + p] = _covariance(
+        resid, weights, bread, scale, bd, spec, n, k
+    )
     return out
 
 
-def _psi(resid: NDArray, bd: BlockDesign, size: NDArray) -> NDArray:
+def _psi(resid: NDArray, bd: BlockDesign, size: NDArray, scale) -> NDArray:
     """Huber's ψ of the residuals, in place, gross outliers set to 0."""
-    scale = _median_abs(resid, bd).astype(resid.dtype)[:, None]
+    scale = scale.astype(resid.dtype)[:, None]
     np.abs(resid, out=size)
     # gross outliers (hot pixels, debris) get no say at all
     gross = size > REJECT * scale
@@ -256,20 +292,24 @@ def _psi(resid: NDArray, bd: BlockDesign, size: NDArray) -> NDArray:
     return resid
 
 
-def _covariance(resid, weights, bread, bd, spec, n, k) -> NDArray:
-    """Packed per-slice covariance of δ for the chosen stderr mode."""
+def _covariance(resid, weights, bread, scale, bd, spec, n, k) -> NDArray:
+    """Packed per-slice covariance of δ for the chosen stderr mode.
+
+    ``weights`` and ``bread`` are the Poisson fit's last weights and
+    weighted Gram matrices, ``scale`` the Huber fit's robust scale.
+    """
     m = resid.shape[0]
     if spec.noise == 'huber':
-        cut = HUBER_C * _median_abs(resid, bd).astype(resid.dtype)[:, None]
+        size = _scratch('size', resid)
+        psi = _psi(resid, bd, size, scale)  # leaves |r| in size
         # ψ' of Huber's loss; pixels outside the mask have D = 0 and no
         # part in the bread, but count as inliers (their residual is 0)
-        inlier = (np.abs(resid) <= cut).astype(resid.dtype)
-        bread = _gram(inlier, bd)
+        inlier = size <= HUBER_C * scale.astype(resid.dtype)[:, None]
+        bread = _gram(inlier.astype(resid.dtype), bd)
         n_out = resid.shape[1] - n
-        frac = (inlier.sum(axis=1, dtype=np.float64) - n_out) / n
-        psi = _psi(resid, bd, inlier)
+        frac = (np.count_nonzero(inlier, axis=1) - n_out) / n
     elif spec.noise == 'poisson':
-        psi = weights * resid
+        psi = np.multiply(weights, resid, out=weights)
     else:
         psi = resid
         bread = None

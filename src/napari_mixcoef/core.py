@@ -381,7 +381,8 @@ def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
         gram_inv=design.gram_inv,
         inside=inside,
         n_pixels=design.n_pixels,
-        basis_u2=design.basis[1],
+        basis_t=design.basis.T,
+        transform=design.transform,
         sample=sample,
     )
 
