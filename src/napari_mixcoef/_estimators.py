@@ -234,8 +234,9 @@ def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
         # in δ and in both covariances, so gain² is left out
         floor = spec.gain * (0.1 + spec.read_noise**2)  # counts
         # variance ∝ max(μ − offset, 0) + floor = max(μ − offset + floor,
-        # floor), with μ = M + Dδ
+        # floor), with μ = M + Dδ: one GEMM of [δ, 1] with [D; shift]
         shift = (bd.centre - spec.camera_offset + floor).astype(yc.dtype)
+        augmented = np.vstack([bd.design_t, shift])
         # np.maximum against a scalar is 4× slower here than against a row
         floor_row = np.full(yc.shape[1], floor, yc.dtype)
         one = yc.dtype.type(1)
@@ -246,8 +247,9 @@ def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
             for j, column in enumerate(bd.design_t)
         ]
         for _ in range(spec.iterations):
-            _model_into(delta, bd, weights)
-            weights += shift
+            coef = np.ones((len(delta), bd.k + 1), yc.dtype)
+            coef[:, :-1] = delta
+            np.dot(coef, augmented, out=weights)
             np.maximum(weights, floor_row, out=weights)
             np.divide(one, weights, out=weights)  # 1.7× np.reciprocal
             gram = _gram(weights, bd)
