@@ -16,8 +16,7 @@ from collections.abc import Generator
 
 import numpy as np
 
-#: Statistics per slice, as in :class:`napari_mixcoef.core.Kernel`.
-N_SUMS = 5
+from ._kernel import N_SUMS
 
 
 def is_dask(stack) -> bool:
@@ -27,13 +26,14 @@ def is_dask(stack) -> bool:
     )
 
 
-def _block_sums(block, centre, u1, u2, weight, *, n_lead: int, work: str):
+def _block_sums(block, centre, u1, u2, weight, *hac, n_lead: int, work: str):
     """Per-slice sums of one stack block, shaped for the reduction.
 
-    Returns ``(*lead_block, 1, …, 1, 5)``: ``u1ᵀy_c, u2ᵀy_c, Σy_c, Σy_c²``
-    and again ``Σy_c²`` (the magnitude the SSR guard uses), over this
-    block's pixels only; pixels with zero weight (outside the mask) are
-    left out.
+    Returns ``(*lead_block, 1, …, 1, 7)``: the columns of
+    :data:`napari_mixcoef._kernel.N_SUMS` over this block's pixels only
+    (``Σy_c²`` twice: the second is what the SSR guard compares with; the
+    HAC sums only when ``hac`` holds the ``t`` and ``u1·t`` blocks);
+    pixels with zero weight (outside the mask) are left out.
     """
     dtype = np.dtype(work)
     lead = block.shape[:n_lead]
@@ -48,16 +48,24 @@ def _block_sums(block, centre, u1, u2, weight, *, n_lead: int, work: str):
     )
     yc = yc.reshape(m, -1)
     basis = np.stack([u1.ravel(), u2.ravel(), weight.ravel()], axis=1)
-    out = np.empty((m, N_SUMS))
+    out = np.zeros((m, N_SUMS))
     out[:, :3] = np.dot(yc, basis.astype(dtype))
     out[:, 3] = np.vecdot(yc, yc)
     out[:, 4] = out[:, 3]
+    if hac:
+        t, tu1 = (np.asarray(a, dtype).ravel() for a in hac)
+        out[:, 5] = np.dot(np.square(yc), t)
+        out[:, 6] = np.dot(yc, tu1)
     n_ref = block.ndim - n_lead
     return out.reshape(lead + (1,) * n_ref + (N_SUMS,))
 
 
 def dask_sums(
-    stack, design, lead_shape: tuple[int, ...], n_batches: int = 8
+    stack,
+    design,
+    lead_shape: tuple[int, ...],
+    hac_terms=None,
+    n_batches: int = 8,
 ) -> Generator[tuple[int, int], None, np.ndarray]:
     """Compute the ``(n_slices, 5)`` sums of a dask stack, batch by batch.
 
@@ -82,6 +90,11 @@ def dask_sums(
             design.basis[0].reshape(shape),
             design.basis[1].reshape(shape),
             weight,
+            *(
+                (term.reshape(shape) for term in hac_terms)
+                if hac_terms is not None
+                else ()
+            ),
         )
     ]
     n_slices = math.prod(lead_shape)

@@ -20,16 +20,20 @@ import numpy as np
 from ._chunks import Block, as_numpy, read_runs
 from ._design import Design
 
+#: Columns of the per-slice sums: u1ᵀy_c, u2ᵀy_c, Σy_c, Σy_c², the
+#: magnitude behind Σy_c² (what the SSR guard compares with), and for the
+#: spatial HAC errors Σy_c²·t and Σy_c·d·t (see :meth:`Kernel.hac`).
+N_SUMS = 7
+
 
 class Kernel:
     """Per-slice sums of blocks, one working buffer per thread.
 
-    :meth:`accumulate` adds a block's sums into the rows of a ``(n, 5)``
-    float64 array; :meth:`centred_sums` turns them into ``u1ᵀy_c, u2ᵀy_c,
-    Σy_c, Σy_c²`` plus the magnitude of the largest sum behind ``Σy_c²``
-    (what the SSR guard compares with).  Each block costs two or three
-    numpy calls that release the GIL, so the Python overhead per block
-    stays far below its arithmetic.
+    :meth:`accumulate` adds a block's sums into the rows of a
+    ``(n, N_SUMS)`` float64 array; :meth:`centred_sums` turns them into the
+    sums of the centred slice.  Each block costs a few numpy calls that
+    release the GIL, so the Python overhead per block stays far below its
+    arithmetic.
     """
 
     def __init__(
@@ -43,16 +47,41 @@ class Kernel:
         slice_bytes = math.prod(ref_shape) * design.dtype.itemsize
         self.sub_rows = max(1, chunk_bytes // max(1, slice_bytes))
         self._local = threading.local()
+        self._hac = None
+        self.hac_terms = None  # (t, u1·t) in the working dtype, for dask
         # float64 data stored as C-ordered slices needs neither a cast nor
         # centring (its products with M are exact enough to centre
         # afterwards): the kernel reads it in place, saving a pass.
         self.rows = None
         if design.dtype == np.float64 and design.mask is None:
             self.rows = as_rows(stack, math.prod(lead_shape))
-        basis = design.basis
+        self._set_basis()
+
+    def _set_basis(self) -> None:
+        d = self.design
         if self.rows is not None:
-            basis = np.vstack([basis, design.centre.reshape(1, -1)])
-        self._basis_t = basis.T  # (n_ref, 3 or 4), F-ordered view
+            # [u1, 1, M]: three columns keep OpenBLAS on its fast path
+            # (four cost 3.5× here); u2ᵀy = Mᵀy − mean(M)·Σy afterwards
+            basis = np.stack([d.basis[0], d.basis[2], d.centre.reshape(-1)])
+        else:
+            basis = d.basis
+        self._basis_t = basis.T  # (n_ref, 3), F-ordered view
+
+    def hac(self, t: np.ndarray) -> None:
+        """Also gather ``Σy_c²·t`` and ``Σy_c·u1·t`` (mix-model HAC terms).
+
+        ``t`` (n_ref) holds the sandwich terms ``d·(ρ⋆d)`` of
+        :mod:`napari_mixcoef._spatial`; with them the robust variance of
+        ``δ`` is ``(Σy_c²t − 2δΣy_c d t + δ²Σd²t) / (dᵀd)²`` (expanded
+        residuals), so the errors stay a one-pass sum.  Centring is then
+        always done in the kernel (the raw float64 path is off).
+        """
+        d = self.design
+        t = np.asarray(t, d.dtype)
+        self._hac = np.stack([t, t * d.basis[0]], axis=1)  # (n, 2)
+        self.hac_terms = (t, t * d.basis[0])
+        self.rows = None
+        self._set_basis()
 
     def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
         # With a mask only the fitted pixels are ever written, so the rest
@@ -65,6 +94,12 @@ class Kernel:
         if buf is None:
             buf = buffers[key] = np.zeros(key, self.design.dtype)
         return buf
+
+    def _square(self, y: np.ndarray) -> np.ndarray:
+        squares = getattr(self._local, 'squares', None)
+        if squares is None or squares.shape != y.shape:
+            squares = self._local.squares = np.empty_like(y)
+        return np.square(y, out=squares)
 
     def pixel_range(self, block: Block) -> slice:
         if not self.ref_shape:
@@ -122,7 +157,6 @@ class Kernel:
         """Add the block's sums to ``out[block.start:block.stop]``."""
         px = self.pixel_range(block)
         basis_t = self._basis_t[px]
-        k = basis_t.shape[1]
         if self.rows is not None:
             pieces = [(0, self.rows[block.start : block.stop, px])]
         else:
@@ -131,29 +165,42 @@ class Kernel:
             rows = slice(block.start + r0, block.start + r0 + len(y))
             # np.dot (not @: numpy's matmul keeps the GIL) runs one small
             # BLAS GEMM against the transposed basis without copying it.
-            out[rows, :k] += np.dot(y, basis_t)
+            out[rows, :3] += np.dot(y, basis_t)
             out[rows, 4] += np.vecdot(y, y)
+            if self._hac is not None:
+                hac = self._hac[px]
+                out[rows, 5] += np.dot(self._square(y), hac[:, 0])
+                out[rows, 6] += np.dot(y, hac[:, 1])
 
     def centred_sums(self, sums: np.ndarray) -> np.ndarray:
         """Turn accumulated sums into centred ones (in place), see above."""
         if self.rows is None:
             sums[:, 3] = sums[:, 4]
             return sums
-        # Sums over raw float64 y: Σ(y − M)² = Σy² − 2 Mᵀy + MᵀM, and so on.
-        basis = self._basis_t.T
-        with_centre = basis @ self.design.centre.reshape(-1)
+        # Sums over raw float64 y, columns u1ᵀy, Σy, Mᵀy: centre them with
+        # Σ(y − M)² = Σy² − 2 Mᵀy + MᵀM, u2ᵀy = Mᵀy − mean(M)·Σy, ...
+        d = self.design
+        centre = d.centre.reshape(-1)
+        u1y, total, my = (sums[:, j].copy() for j in range(3))
+        mean = float(centre.mean())
         with np.errstate(invalid='ignore'):  # inf data is reported later
-            sums[:, :3] -= with_centre[:3]
-            sums[:, 3] = sums[:, 4] - 2 * sums[:, 3] + with_centre[3]
+            sums[:, 0] = u1y - d.basis[0] @ centre
+            sums[:, 1] = (my - mean * total) - d.basis[1] @ centre
+            sums[:, 2] = total - centre.sum()
+            sums[:, 3] = sums[:, 4] - 2 * my + centre @ centre
         return sums
 
-    def exact_ssr(self, block: Block, delta_basis: np.ndarray) -> np.ndarray:
-        """Σ (y_c − basis·δ)² per row, from the explicit residuals."""
+    def exact_sums(self, block: Block, delta_basis: np.ndarray):
+        """``Σr²`` and ``Σr²·t`` per row, from the explicit residuals."""
         yc = self.centred(block)
-        basis = self.design.basis[:, self.pixel_range(block)]
+        px = self.pixel_range(block)
+        basis = self.design.basis[:, px]
         # Pixels outside the mask are zero in both yc and the basis.
         resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
-        return np.vecdot(resid, resid)
+        squares = np.square(resid)
+        ssr = squares.sum(axis=1)
+        hac = None if self._hac is None else squares @ self._hac[px, 0]
+        return ssr, hac
 
 
 def as_rows(stack, n_slices: int) -> np.ndarray | None:

@@ -63,7 +63,7 @@ from ._estimators import (
     fit_block,
     split_output,
 )
-from ._kernel import Kernel, check_finite, thread_run
+from ._kernel import N_SUMS, Kernel, check_finite, thread_run
 from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
 
 __all__ = [
@@ -228,26 +228,43 @@ def _fit_steps(
         design.dtype.itemsize,
         chunk_bytes,
         align=storage_chunk_length(stack),
-        bands=not spec.needs_slices,
+        bands=_sums_suffice(spec, design),
     )
     kernel = Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
-    if spec.needs_slices:
-        fit = yield from _fit_slices(stack, design, spec, kernel, groups)
+    if _sums_suffice(spec, design):
+        fit = yield from _fit_sums(stack, design, spec, kernel, groups)
     else:
-        fit = yield from _fit_sums(stack, design, kernel, groups)
+        fit = yield from _fit_slices(stack, design, spec, kernel, groups)
     return fit
 
 
-def _fit_sums(stack, design: Design, kernel: Kernel, groups):
-    """Gaussian noise, textbook errors: one pass of additive sums."""
+def _sums_suffice(spec: NoiseSpec, design: Design) -> bool:
+    """Whether per-slice sums (one pass, any blocks) give the whole fit.
+
+    Least squares with textbook errors always; with robust errors for one
+    coefficient (the mix model), whose sandwich expands into sums.
+    """
+    return spec.noise == 'gaussian' and (spec.stderr == 'ols' or design.k == 1)
+
+
+def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
+    """Least squares from one pass of additive per-slice sums."""
     lead_shape = kernel.lead_shape
     n_slices = math.prod(lead_shape)
+    rho = hac_const = None
+    if spec.stderr == 'auto':  # one coefficient: the sandwich is sums too
+        bd = _block_design(design, kernel.ref_shape, None)
+        rho = _noise_kernel(kernel, bd, spec, n_slices)
+        t = _block_design(design, kernel.ref_shape, rho).terms[:, 0]
+        kernel.hac(t)
+        u1 = design.basis[0].astype(np.float64)
+        hac_const = float(np.sum(u1 * u1 * t.astype(np.float64)))
     if is_dask(stack):
         # block-wise on the active dask scheduler, never gathered here
-        raw = yield from dask_sums(stack, design, lead_shape)
+        raw = yield from dask_sums(stack, design, lead_shape, kernel.hac_terms)
         check_finite(raw[:, 4], 0, lead_shape)
     else:
-        raw = np.zeros((n_slices, 5))
+        raw = np.zeros((n_slices, N_SUMS))
         yield from thread_run(
             groups,
             lambda block: kernel.accumulate(block, raw),
@@ -260,7 +277,11 @@ def _fit_sums(stack, design: Design, kernel: Kernel, groups):
     g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)
     delta = g @ design.gram_inv  # gram_inv is symmetric
     ssr = raw[:, 3] - np.einsum('ij,ij->i', delta, g)
-    # Guard the SSR shortcut where it cancels (R² ≈ 1): recompute those
+    omega = None
+    if hac_const is not None:  # Σ r²t with r = y_c − δ·u1, expanded
+        d = delta[:, 0]
+        omega = raw[:, 5] - 2 * d * raw[:, 6] + d * d * hac_const
+    # Guard the expansions where they cancel (R² ≈ 1): recompute those
     # slices from their explicit residuals, a second pass over them only.
     suspect = ssr < _GUARD[design.dtype] * raw[:, 4]
     if suspect.any():
@@ -268,25 +289,28 @@ def _fit_sums(stack, design: Design, kernel: Kernel, groups):
         for group in groups:
             start, stop = group[0].start, group[0].stop
             rows = suspect[start:stop]
-            if rows.any():
-                exact = kernel.exact_ssr(group[0], delta_basis[start:stop])
-                for block in group[1:]:
-                    exact += kernel.exact_ssr(block, delta_basis[start:stop])
-                ssr[start:stop][rows] = exact[rows]
+            if not rows.any():
+                continue
+            for block in group:
+                exact, exact_hac = kernel.exact_sums(
+                    block, delta_basis[start:stop]
+                )
+                if block is group[0]:
+                    ssr[start:stop][rows] = 0.0
+                    if omega is not None:
+                        omega[start:stop][rows] = 0.0
+                ssr[start:stop][rows] += exact[rows]
+                if omega is not None:
+                    omega[start:stop][rows] += exact_hac[rows]
     ssr = np.maximum(ssr, 0.0)
     n, k = design.n_pixels, design.k
-    cov = (ssr / (n - k))[:, None, None] * design.gram_inv
+    if omega is None:
+        cov = (ssr / (n - k))[:, None, None] * design.gram_inv
+    else:
+        inv = design.gram_inv[0, 0]
+        cov = (np.maximum(omega, 0.0) * inv * inv * n / (n - k))[:, None, None]
     sst = _centred_total(raw[:, 3], raw[:, 2], raw[:, 1], design)
-    return _assemble(
-        design,
-        lead_shape,
-        delta,
-        cov,
-        ssr,
-        sst,
-        NoiseSpec('gaussian', 'ols'),
-        None,
-    )
+    return _assemble(design, lead_shape, delta, cov, ssr, sst, spec, rho)
 
 
 def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
