@@ -22,8 +22,9 @@ from ._design import Design
 
 #: Columns of the per-slice sums: u1ᵀy_c, u2ᵀy_c, Σy_c, Σy_c², the
 #: magnitude behind Σy_c² (what the SSR guard compares with), and for the
-#: spatial HAC errors Σy_c²·t and Σy_c·d·t (see :meth:`Kernel.hac`).
-N_SUMS = 7
+#: spatial HAC errors Σy_c²·t, Σy_c·u1·t (see :meth:`Kernel.hac`) and, on
+#: the raw float64 path, Σy·M·t to centre them.
+N_SUMS = 8
 
 
 class Kernel:
@@ -47,7 +48,7 @@ class Kernel:
         slice_bytes = math.prod(ref_shape) * design.dtype.itemsize
         self.sub_rows = max(1, chunk_bytes // max(1, slice_bytes))
         self._local = threading.local()
-        self._hac = None
+        self._hac_sq = self._hac_lin = None
         self.hac_terms = None  # (t, u1·t) in the working dtype, for dask
         # float64 data stored as C-ordered slices needs neither a cast nor
         # centring (its products with M are exact enough to centre
@@ -73,15 +74,19 @@ class Kernel:
         ``t`` (n_ref) holds the sandwich terms ``d·(ρ⋆d)`` of
         :mod:`napari_mixcoef._spatial`; with them the robust variance of
         ``δ`` is ``(Σy_c²t − 2δΣy_c d t + δ²Σd²t) / (dᵀd)²`` (expanded
-        residuals), so the errors stay a one-pass sum.  Centring is then
-        always done in the kernel (the raw float64 path is off).
+        residuals), so the errors stay a one-pass sum: per block one
+        square and two more small BLAS products (the square's product
+        also yields ``Σy²``).
         """
         d = self.design
         t = np.asarray(t, d.dtype)
-        self._hac = np.stack([t, t * d.basis[0]], axis=1)  # (n, 2)
-        self.hac_terms = (t, t * d.basis[0])
-        self.rows = None
-        self._set_basis()
+        ut = t * d.basis[0]
+        self.hac_terms = (t, ut)
+        self._hac_sq = np.stack([t, np.ones_like(t)], axis=1)  # (n, 2)
+        if self.rows is not None:  # raw y: also Σy·M·t, to centre later
+            self._hac_lin = np.stack([ut, t * d.centre.reshape(-1)], axis=1)
+        else:
+            self._hac_lin = ut[:, None]
 
     def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
         # With a mask only the fitted pixels are ever written, so the rest
@@ -166,11 +171,17 @@ class Kernel:
             # np.dot (not @: numpy's matmul keeps the GIL) runs one small
             # BLAS GEMM against the transposed basis without copying it.
             out[rows, :3] += np.dot(y, basis_t)
-            out[rows, 4] += np.vecdot(y, y)
-            if self._hac is not None:
-                hac = self._hac[px]
-                out[rows, 5] += np.dot(self._square(y), hac[:, 0])
-                out[rows, 6] += np.dot(y, hac[:, 1])
+            if self._hac_sq is None:
+                out[rows, 4] += np.vecdot(y, y)
+                continue
+            # Σy²·t and Σy² from one product with the squares
+            squares = np.dot(self._square(y), self._hac_sq[px])
+            out[rows, 5] += squares[:, 0]
+            out[rows, 4] += squares[:, 1]
+            lin = np.dot(y, self._hac_lin[px])
+            out[rows, 6] += lin[:, 0]
+            if lin.shape[1] > 1:
+                out[rows, 7] += lin[:, 1]
 
     def centred_sums(self, sums: np.ndarray) -> np.ndarray:
         """Turn accumulated sums into centred ones (in place), see above."""
@@ -188,6 +199,10 @@ class Kernel:
             sums[:, 1] = (my - mean * total) - d.basis[1] @ centre
             sums[:, 2] = total - centre.sum()
             sums[:, 3] = sums[:, 4] - 2 * my + centre @ centre
+            if self._hac_sq is not None:
+                t, ut = (a.astype(np.float64) for a in self.hac_terms)
+                sums[:, 5] += -2 * sums[:, 7] + centre**2 @ t
+                sums[:, 6] -= centre @ ut
         return sums
 
     def exact_sums(self, block: Block, delta_basis: np.ndarray):
@@ -199,7 +214,9 @@ class Kernel:
         resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
         squares = np.square(resid)
         ssr = squares.sum(axis=1)
-        hac = None if self._hac is None else squares @ self._hac[px, 0]
+        hac = None
+        if self._hac_sq is not None:
+            hac = squares @ self.hac_terms[0][px].astype(np.float64)
         return ssr, hac
 
 
