@@ -294,3 +294,30 @@ def test_nearly_collinear_references_are_flagged(make_napari_viewer):
     viewer.add_image(np.stack([a] * 5), name='s')
     _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
     assert 'collinear' in w.diagnostics.value
+
+
+def test_zarr_layer_is_fitted_without_loading_it(
+    make_napari_viewer, qtbot, tmp_path
+):
+    import zarr
+
+    stack, a, b, _ = make_mixture(n_slices=30, shape=(64, 64))
+    z = zarr.create_array(
+        store=tmp_path / 's.zarr',
+        shape=stack.shape,
+        chunks=(4, 64, 64),
+        dtype=stack.dtype,
+    )
+    z[:] = stack
+    lazy = zarr.open_array(tmp_path / 's.zarr', mode='r')
+    viewer = make_napari_viewer()
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    viewer.add_image(lazy, name='on disk', contrast_limits=(0, 4000))
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    fit = run_and_wait(qtbot, w)
+    assert_allclose(fit.x, fit_stack(stack, a, b).x, rtol=1e-10)
+    assert viewer.layers['on disk'].data is lazy  # still the zarr array
+    residual = viewer.layers['on disk residual'].data
+    assert type(residual).__name__ == 'ResidualStack'  # lazy too
+    assert np.asarray(residual[3]).shape == (64, 64)
