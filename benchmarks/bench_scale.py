@@ -41,8 +41,9 @@ def build(path: Path, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     a = 800 + 600 * np.sin(xx / 9.0) ** 2 + 100 * rng.random(SHAPE)
     b = 700 + 650 * np.cos(yy / 11.0) ** 2 + 100 * rng.random(SHAPE)
     x = 0.55 + 0.15 * np.sin(np.arange(n) / 300)
-    z = zarr.create_array(store=path, shape=(n, *SHAPE), dtype='u2',
-                          chunks=(CHUNK, *SHAPE))
+    z = zarr.create_array(
+        store=path, shape=(n, *SHAPE), dtype='u2', chunks=(CHUNK, *SHAPE)
+    )
     for i in range(0, n, 256):
         xs = x[i : i + 256, None, None]
         mean = xs * a + (1 - xs) * b
@@ -68,7 +69,7 @@ def read_once(z) -> None:
             pass
 
 
-_RSS_CHILD = r'''
+_RSS_CHILD = r"""
 import sys, numpy as np, zarr
 from napari_mixcoef import fit_stack
 def kb(field):
@@ -81,14 +82,22 @@ fit_stack(z[:CHUNK], a, b)
 before = kb('VmRSS:')
 fit_stack(z, a, b)
 print((kb('VmHWM:') - before) / 1024)
-'''.replace('CHUNK', str(CHUNK))
+""".replace('CHUNK', str(CHUNK))
 
 
 def peak_rss_growth(path: Path, a_path: Path, b_path: Path) -> float:
     out = subprocess.run(
-        [sys.executable, '-c', _RSS_CHILD, str(path), str(a_path),
-         str(b_path)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            '-c',
+            _RSS_CHILD,
+            str(path),
+            str(a_path),
+            str(b_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -96,8 +105,9 @@ def peak_rss_growth(path: Path, a_path: Path, b_path: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--slices', type=int, default=6000)
-    parser.add_argument('--keep', metavar='DIR',
-                        help='build (or reuse) the zarr stack in DIR')
+    parser.add_argument(
+        '--keep', metavar='DIR', help='build (or reuse) the zarr stack in DIR'
+    )
     args = parser.parse_args()
 
     import zarr
@@ -119,31 +129,44 @@ def main() -> None:
         z = zarr.open_array(path, mode='r')
         raw_mb = z.nbytes / 1e6
         disk_mb = sum(f.stat().st_size for f in path.rglob('*')) / 1e6
-        print(f'stack {z.shape} {z.dtype}: {raw_mb:.0f} MB raw, '
-              f'{disk_mb:.0f} MB on disk, chunks {z.chunks}')
+        print(
+            f'stack {z.shape} {z.dtype}: {raw_mb:.0f} MB raw, '
+            f'{disk_mb:.0f} MB on disk, chunks {z.chunks}'
+        )
 
         fit_stack(z[:CHUNK], a, b)  # warm-up: imports, thread pool
         t_read = best(lambda: read_once(z))
         t_fit = best(lambda: fit_stack(z, a, b))
         fit = fit_stack(z, a, b)
         ratio = t_fit / t_read
-        print(f'\nread every chunk once (2 threads, no arithmetic): '
-              f'{t_read:.2f} s')
-        print(f'fit_stack on the zarr array:                      '
-              f'{t_fit:.2f} s = {ratio:.2f}x the I/O floor  '
-              f'(target <= 1.3x: {"PASS" if ratio <= 1.3 else "FAIL"})')
+        print(
+            f'\nread every chunk once (2 threads, no arithmetic): '
+            f'{t_read:.2f} s'
+        )
+        print(
+            f'fit_stack on the zarr array:                      '
+            f'{t_fit:.2f} s = {ratio:.2f}x the I/O floor  '
+            f'(target <= 1.3x: {"PASS" if ratio <= 1.3 else "FAIL"})'
+        )
 
         growth = peak_rss_growth(path, a_path, b_path)
-        print(f'peak RSS growth while fitting (fresh process): '
-              f'{growth:.0f} MB for a {raw_mb:.0f} MB stack  '
-              f'(target <= 256 MB: {"PASS" if growth <= 256 else "FAIL"})')
+        print(
+            f'peak RSS growth while fitting (fresh process): '
+            f'{growth:.0f} MB for a {raw_mb:.0f} MB stack  '
+            f'(target <= 256 MB: {"PASS" if growth <= 256 else "FAIL"})'
+        )
 
         import dask.array as da
         from distributed import Client, LocalCluster
 
         with (
-            LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                         dashboard_address=None, silence_logs=40) as cluster,
+            LocalCluster(
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=40,
+            ) as cluster,
             Client(cluster),
         ):
             lazy = da.from_zarr(str(path))
@@ -151,10 +174,12 @@ def main() -> None:
             t_dask = best(lambda: fit_stack(lazy, a, b), repeat=2)
             dfit = fit_stack(lazy, a, b)
         diff = float(np.max(np.abs(dfit.x - fit.x)))
-        print(f'dask array on a 2-worker LocalCluster (processes): '
-              f'{t_dask:.2f} s = {t_dask / t_read:.2f}x the I/O floor; '
-              f'max |x - x_zarr| = {diff:.1e}  (target <= 1e-6: '
-              f'{"PASS" if diff <= 1e-6 else "FAIL"})')
+        print(
+            f'dask array on a 2-worker LocalCluster (processes): '
+            f'{t_dask:.2f} s = {t_dask / t_read:.2f}x the I/O floor; '
+            f'max |x - x_zarr| = {diff:.1e}  (target <= 1e-6: '
+            f'{"PASS" if diff <= 1e-6 else "FAIL"})'
+        )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -379,7 +379,9 @@ class CoefficientPlot(QWidget):
                 for j, i in enumerate(other, start=1)
             )
             title = f'{title} ({where})' if title else where
-        self.axes_x.set_title(title)
+        # an explicit y skips matplotlib's title placement, which measures
+        # every tick label of the shared axes on each draw (~40 ms here)
+        self.axes_x.set_title(title, y=1.0, pad=4)
         self._place_axes()
         for line in self._cursor_lines:
             line.set_visible(True)

@@ -8,6 +8,8 @@ a lazy residual layer and the coefficient plot dock.  All numerics live in
 
 from __future__ import annotations
 
+import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING
 
@@ -66,7 +68,15 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
     if mask is not None:
         mask = as_numpy(mask) != 0
-    fit = yield from _fit_steps(stack, ref1, ref2, mask=mask, **options)
+    # The chunk threads run short Python steps between numpy calls; with
+    # the default 5 ms GIL switch interval the GUI thread then waits up to
+    # 5 ms for each of the many GIL hand-offs of one repaint.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        fit = yield from _fit_steps(stack, ref1, ref2, mask=mask, **options)
+    finally:
+        sys.setswitchinterval(interval)
     return fit, residuals(stack, ref1, ref2, fit)
 
 
@@ -173,6 +183,9 @@ class MixcoefWidget(Container):
         self.reset_choices()
         self._on_noise_changed()
         self._update_diagnostics()
+        # matplotlib's first import takes most of a second of mostly Python
+        # work: do it now, in the background, not when the first fit ends
+        threading.Thread(target=_import_plot, daemon=True).start()
         # stop a running fit when the widget goes away with the viewer
         holder = {'worker': None, 'closed': False}
         self._holder = holder
@@ -583,6 +596,10 @@ class MixcoefWidget(Container):
     def _show_status(self, text: str, *, error: bool = False) -> None:
         self.status.value = text
         self.status.native.setStyleSheet('color: #e06c75;' if error else '')
+
+
+def _import_plot() -> None:
+    from . import _plot  # noqa: F401
 
 
 def _alive(widget) -> bool:
