@@ -270,7 +270,8 @@ def test_batch_all_bad_exits_2_and_residual_needs_one_stack(tmp_path, capsys):
 
 
 def test_batch_on_a_distributed_scheduler(tmp_path):
-    distributed = pytest.importorskip('distributed')
+    import distributed
+
     stacks, a, b = make_batch(tmp_path, n=2)
     tifffile.imwrite(tmp_path / 'run5.tif', stacks[1], compression='zlib')
     out = tmp_path / 'dist.csv'

@@ -1,5 +1,6 @@
 """Stacks that need not fit in memory: dask (local and distributed), zarr."""
 
+import dask.array as da
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
@@ -7,8 +8,6 @@ from numpy.testing import assert_allclose
 from napari_mixcoef import MODELS, fit_stack, residuals
 
 from conftest import make_stack
-
-da = pytest.importorskip('dask.array')
 
 
 @pytest.mark.parametrize('model', list(MODELS))
@@ -73,7 +72,8 @@ def test_dask_nan_names_the_slice():
 
 
 def test_distributed_cluster_runs_the_fit():
-    distributed = pytest.importorskip('distributed')
+    import distributed
+
     stack, a, b, _ = make_stack(lead=(64,), noise=6.0)
     stack = stack.astype(np.float32)
     expected = fit_stack(stack, a, b, model='offset')

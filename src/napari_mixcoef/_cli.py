@@ -154,9 +154,14 @@ def _run_fit(args: argparse.Namespace) -> int:
     mask = _io.read_image(args.mask) if args.mask else None
     client = None
     if args.scheduler:
-        from distributed import Client
-
-        client = Client(args.scheduler)
+        try:
+            from distributed import Client
+        except ImportError as err:
+            raise ValueError(
+                '--scheduler needs dask.distributed: pip install '
+                '"napari-mixcoef[cluster]"'
+            ) from err
+        client = Client(args.scheduler, timeout='10s')
     try:
         tables, failed = [], 0
         for path in files:
