@@ -3,9 +3,10 @@
 Run: ``python benchmarks/bench_stats.py [--slices N]``.
 
 1. Cost on a 2000×256×256 uint16 stack of every noise model and error mode,
-   relative to ordinary least squares with textbook errors (one pass),
-   best of 3 in one process.  Target: Poisson and Huber (3 IRLS
-   iterations) ≤ 6× OLS.
+   relative to least squares with textbook errors (the one-pass sums) and
+   to least squares with the same error mode; best of 3 interleaved rounds
+   in one process.  Target: Poisson and Huber (3 IRLS iterations) ≤ 6×
+   OLS with the same errors.
 2. Seeded Monte-Carlo on 3000 slices of 32×32 (the settings of
    ``tests/test_statistics.py``): coverage of the 95 % intervals for white,
    Poisson and PSF-correlated noise with textbook and robust ("auto")
@@ -33,15 +34,6 @@ MODES = [
 ]
 
 
-def best(func, repeat=3):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def cost(n_slices: int) -> None:
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:256, :256]
@@ -57,21 +49,28 @@ def cost(n_slices: int) -> None:
         f'({stack.nbytes / 1e6:.0f} MB), best of 3 =='
     )
     fit_stack(stack[:8], a, b)  # warm-up
-    base = None
-    print(f'{"noise":<10}{"errors":<8}{"time":>9}{"/ OLS":>9}   target')
+    times = {}
+    for _ in range(3):  # interleaved rounds, best of each
+        for noise, mode in MODES:
+            t0 = time.perf_counter()
+            fit_stack(stack, a, b, noise=noise, stderr=mode)
+            t = time.perf_counter() - t0
+            times[noise, mode] = min(t, times.get((noise, mode), t))
+    print(
+        f'{"noise":<10}{"errors":<8}{"time":>9}{"/ OLS,":>9}'
+        f'{"/ OLS,":>9}   target: <= 6x OLS, same errors'
+    )
+    print(f'{"":<27}{"textbook":>9}{"same":>9}')
     for noise, mode in MODES:
-        t = best(
-            lambda noise=noise, mode=mode: fit_stack(
-                stack, a, b, noise=noise, stderr=mode
-            )
-        )
-        base = base or t
+        t = times[noise, mode]
+        vs_ols = t / times['gaussian', 'ols']
+        vs_same = t / times['gaussian', mode]
         target = ''
         if noise != 'gaussian':
-            target = 'PASS' if t / base <= 6 else 'FAIL'
-            target += ' (<= 6x)'
+            target = 'PASS' if vs_same <= 6 else 'FAIL'
         print(
-            f'{noise:<10}{mode:<8}{t * 1e3:8.0f}ms{t / base:8.2f}x   {target}'
+            f'{noise:<10}{mode:<8}{t * 1e3:8.0f}ms{vs_ols:8.2f}x'
+            f'{vs_same:8.2f}x   {target}'
         )
 
 

@@ -307,7 +307,8 @@ def _covariance(resid, weights, bread, scale, bd, spec, n, k) -> NDArray:
         # ψ' of Huber's loss; pixels outside the mask have D = 0 and no
         # part in the bread, but count as inliers (their residual is 0)
         inlier = size <= HUBER_C * scale.astype(resid.dtype)[:, None]
-        bread = _gram(inlier.astype(resid.dtype), bd)
+        if spec.stderr == 'auto':  # the textbook formula needs no bread
+            bread = _gram(inlier.astype(resid.dtype), bd)
         n_out = resid.shape[1] - n
         frac = (np.count_nonzero(inlier, axis=1) - n_out) / n
     elif spec.noise == 'poisson':
