@@ -345,8 +345,8 @@ class MixcoefWidget(Container):
             return
         text = (
             f'A−B holds {100 * d["diff_energy_fraction"]:.3g} % of the '
-            f"pair's energy; x ± {d['x_stderr_per_noise']:.2g} per unit of "
-            'white noise'
+            f"pair's energy; error of x ≈ {d['x_stderr_per_noise']:.2g} × "
+            'the noise σ (white noise)'
         )
         bad = d['collinear'] or d['nearly_collinear']
         if d['collinear']:
