@@ -119,13 +119,12 @@ def normalised_cond(columns: list[NDArray[np.float64]]) -> float:
     return math.inf if eig[0] <= 0 else float(eig[-1] / eig[0])
 
 
-def prepare(ref1, ref2, mask, model: str, stack_dtype: np.dtype) -> Design:
-    """Check the references and mask; build the shared design."""
-    if model not in MODELS:
-        raise ValueError(
-            f'unknown model {model!r}; choose one of '
-            + ', '.join(repr(m) for m in MODELS)
-        )
+def checked_references(ref1, ref2) -> tuple[NDArray, NDArray]:
+    """Return both references as float64 copies, dtype and shape checked.
+
+    Copies: the references are one slice each, and the caller's arrays
+    must never be touched.
+    """
     ref1 = as_array_like(ref1, 'ref1')
     ref2 = as_array_like(ref2, 'ref2')
     if ref1.shape != ref2.shape:
@@ -133,19 +132,36 @@ def prepare(ref1, ref2, mask, model: str, stack_dtype: np.dtype) -> Design:
             f'ref1 has shape {ref1.shape} but ref2 has shape {ref2.shape}; '
             'the two references must have the same shape'
         )
-    shape = tuple(ref1.shape)
-    # float64 copies: the references are one slice each, and the caller's
-    # arrays must never be touched.
-    a = np.array(as_numpy(ref1), dtype=np.float64)
-    b = np.array(as_numpy(ref2), dtype=np.float64)
+    return (
+        np.array(as_numpy(ref1), dtype=np.float64),
+        np.array(as_numpy(ref2), dtype=np.float64),
+    )
+
+
+def checked_mask(mask, shape: tuple[int, ...]) -> NDArray[np.bool_] | None:
+    """Return the mask as booleans (nonzero = fitted), shape checked."""
+    if mask is None:
+        return None
+    mask = as_numpy(as_array_like(mask, 'mask', check_dtype=False))
+    if mask.shape != tuple(shape):
+        raise ValueError(
+            f'mask has shape {mask.shape} but the references have shape '
+            f'{tuple(shape)}; the mask must have the shape of one reference'
+        )
+    return mask != 0
+
+
+def prepare(ref1, ref2, mask, model: str, stack_dtype: np.dtype) -> Design:
+    """Check the references and mask; build the shared design."""
+    if model not in MODELS:
+        raise ValueError(
+            f'unknown model {model!r}; choose one of '
+            + ', '.join(repr(m) for m in MODELS)
+        )
+    a, b = checked_references(ref1, ref2)
+    shape = a.shape
+    mask = checked_mask(mask, shape)
     if mask is not None:
-        mask = as_numpy(as_array_like(mask, 'mask', check_dtype=False))
-        if mask.shape != shape:
-            raise ValueError(
-                f'mask has shape {mask.shape} but the references have shape '
-                f'{shape}; the mask must have the shape of one reference'
-            )
-        mask = mask != 0
         n = int(mask.sum())
         if mask.all():
             mask = None
@@ -264,22 +280,9 @@ def _diff_fraction(a: NDArray, b: NDArray) -> float:
 
 def diagnose(ref1, ref2, mask=None) -> dict[str, float | bool | int]:
     """See :func:`napari_mixcoef.core.reference_diagnostics`."""
-    ref1 = as_array_like(ref1, 'ref1')
-    ref2 = as_array_like(ref2, 'ref2')
-    if ref1.shape != ref2.shape:
-        raise ValueError(
-            f'ref1 has shape {ref1.shape} but ref2 has shape {ref2.shape}; '
-            'the two references must have the same shape'
-        )
-    a = np.asarray(as_numpy(ref1), dtype=np.float64)
-    b = np.asarray(as_numpy(ref2), dtype=np.float64)
+    a, b = checked_references(ref1, ref2)
+    mask = checked_mask(mask, a.shape)
     if mask is not None:
-        mask = np.asarray(as_numpy(mask)) != 0
-        if mask.shape != a.shape:
-            raise ValueError(
-                f'mask has shape {mask.shape} but the references have shape '
-                f'{a.shape}; the mask must have the shape of one reference'
-            )
         a, b = a[mask], b[mask]
     a, b = a.ravel(), b.ravel()
     ok = np.isfinite(a) & np.isfinite(b)

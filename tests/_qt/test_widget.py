@@ -21,6 +21,22 @@ def sample_viewer(make_napari_viewer):
     return viewer, widget
 
 
+@pytest.fixture
+def big_viewer(make_napari_viewer):
+    """A viewer with a 3000-slice stack: long enough to act mid-run."""
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
+    viewer.add_image(a, name='A')
+    viewer.add_image(b, name='B')
+    big = rng.random((3000, 128, 128), dtype=np.float32)
+    viewer.add_image(big, name='big', contrast_limits=(0, 1))
+    _, widget = viewer.window.add_plugin_dock_widget(
+        PLUGIN, 'Mixing coefficients'
+    )
+    return viewer, widget
+
+
 def run_and_wait(qtbot, widget, timeout=60_000):
     with qtbot.waitSignal(widget.fit_finished, timeout=timeout) as blocker:
         widget.run.native.click()
@@ -99,15 +115,8 @@ def test_rerun_replaces_output(sample_viewer, qtbot):
     assert len(docks) == 1
 
 
-def test_cancel_leaves_nothing(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    rng = np.random.default_rng(0)
-    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
-    big = rng.random((3000, 128, 128), dtype=np.float32)
-    viewer.add_image(a, name='A')
-    viewer.add_image(b, name='B')
-    viewer.add_image(big, name='big', contrast_limits=(0, 1))
-    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+def test_cancel_leaves_nothing(big_viewer, qtbot):
+    viewer, w = big_viewer
     assert w.stack.value.name == 'big'
     with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
         w.run.native.click()
@@ -118,18 +127,8 @@ def test_cancel_leaves_nothing(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: w.run.enabled, timeout=10_000)
 
 
-def test_removing_an_input_cancels(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    rng = np.random.default_rng(0)
-    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
-    viewer.add_image(a, name='A')
-    viewer.add_image(b, name='B')
-    viewer.add_image(
-        rng.random((3000, 128, 128), dtype=np.float32),
-        name='big',
-        contrast_limits=(0, 1),
-    )
-    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+def test_removing_an_input_cancels(big_viewer, qtbot):
+    viewer, w = big_viewer
     with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
         w.run.native.click()
         viewer.layers.remove('B')
@@ -229,18 +228,8 @@ def test_two_leading_dims(make_napari_viewer, qtbot):
     assert viewer.layers['tz residual'].data.shape == (6, 4, 32, 32)
 
 
-def test_closing_the_viewer_mid_run_stops_the_fit(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    rng = np.random.default_rng(0)
-    a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
-    viewer.add_image(a, name='A')
-    viewer.add_image(b, name='B')
-    viewer.add_image(
-        rng.random((3000, 128, 128), dtype=np.float32),
-        name='big',
-        contrast_limits=(0, 1),
-    )
-    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+def test_closing_the_viewer_mid_run_stops_the_fit(big_viewer, qtbot):
+    viewer, w = big_viewer
     w.run.native.click()
     worker = w._worker
     assert worker is not None
