@@ -59,11 +59,6 @@ class NoiseSpec:
     read_noise: float = 0.0
     iterations: int = 3
 
-    @property
-    def needs_slices(self) -> bool:
-        """Whether blocks must hold whole slices (residuals are needed)."""
-        return self.noise != 'gaussian' or self.stderr != 'ols'
-
 
 def check_spec(spec: NoiseSpec) -> None:
     """Raise ValueError for an unknown mode or an impossible detector."""
