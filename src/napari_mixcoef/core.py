@@ -291,17 +291,14 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
             rows = suspect[start:stop]
             if not rows.any():
                 continue
-            for block in group:
-                exact, exact_hac = kernel.exact_sums(
-                    block, delta_basis[start:stop]
-                )
-                if block is group[0]:
-                    ssr[start:stop][rows] = 0.0
-                    if omega is not None:
-                        omega[start:stop][rows] = 0.0
-                ssr[start:stop][rows] += exact[rows]
-                if omega is not None:
-                    omega[start:stop][rows] += exact_hac[rows]
+            # a group's bands together cover its slices: add them up
+            sums = [
+                kernel.exact_sums(block, delta_basis[start:stop])
+                for block in group
+            ]
+            ssr[start:stop][rows] = sum(e for e, _ in sums)[rows]
+            if omega is not None:
+                omega[start:stop][rows] = sum(h for _, h in sums)[rows]
     ssr = np.maximum(ssr, 0.0)
     n, k = design.n_pixels, design.k
     if omega is None:
