@@ -186,8 +186,13 @@ class MixcoefWidget(Container):
         # matplotlib's first import takes most of a second of mostly Python
         # work: do it now, in the background, not when the first fit ends
         threading.Thread(target=_import_plot, daemon=True).start()
-        # stop a running fit when the widget goes away with the viewer
-        holder = {'worker': None, 'closed': False}
+        # when the widget goes away (dock or viewer closed): stop a running
+        # fit and let go of the viewer's layer events
+        holder = {
+            'worker': None,
+            'closed': False,
+            'disconnect': self._disconnect_events,
+        }
         self._holder = holder
         self.native.destroyed.connect(lambda *_: _quit(holder))
 
@@ -269,6 +274,7 @@ class MixcoefWidget(Container):
         self.cancel.changed.connect(self._on_cancel)
 
     def _disconnect_events(self) -> None:
+        """Undo the viewer connections of :meth:`_connect_events`."""
         layers = self._viewer.layers.events
         layers.inserted.disconnect(self._on_layers_changed)
         layers.removed.disconnect(self._on_layer_removed)
@@ -613,6 +619,9 @@ def _alive(widget) -> bool:
 
 def _quit(holder: dict) -> None:
     holder['closed'] = True
+    disconnect = holder.pop('disconnect', None)
+    if disconnect is not None:
+        disconnect()
     worker = holder.get('worker')
     if worker is not None:
         worker.quit()

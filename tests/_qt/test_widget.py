@@ -310,3 +310,28 @@ def test_zarr_layer_is_fitted_without_loading_it(
     residual = viewer.layers['on disk residual'].data
     assert type(residual).__name__ == 'ResidualStack'  # lazy too
     assert np.asarray(residual[3]).shape == (64, 64)
+
+
+def test_disconnect_lets_go_of_layer_events(make_napari_viewer):
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget(PLUGIN, 'Mixing coefficients')
+    viewer.add_image(np.zeros((5, 8, 8)), name='s')
+
+    def ours(emitter):
+        # napari itself connects reset_choices of docked magicgui widgets
+        # (and undoes it): only the widget's own connections count here
+        return [
+            c
+            for c in emitter.callbacks
+            if isinstance(c, tuple) and c[0]() is w and c[1] != 'reset_choices'
+        ]
+
+    assert ours(viewer.layers.events.inserted)
+    assert ours(viewer.layers['s'].events.name)
+    w._disconnect_events()
+    for emitter in (
+        viewer.layers.events.inserted,
+        viewer.layers.events.removed,
+        viewer.layers['s'].events.name,
+    ):
+        assert not ours(emitter)
