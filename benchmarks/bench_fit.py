@@ -56,9 +56,10 @@ import napari_mixcoef
 from napari_mixcoef import fit_stack
 
 # Targets: (limit, stretch limit).  Ratios to the floor must stay below
-# the limit; speed-ups must reach it; memory is in MB.
-FLOOR_TARGET = (5.0, 2.5)
-SPEEDUP_TARGET = (25.0, 60.0)
+# the limit; speed-ups must reach it; memory is in MB.  These are the
+# scale issue's (the core issue asked for 5x and 25x).
+FLOOR_TARGET = (2.5, 1.5)
+SPEEDUP_TARGET = (60.0, 250.0)
 MEMORY_TARGET_MB = 32.0
 # Below this 2-core capacity another process had the second core.  An idle
 # 2-vCPU VM reads about 1.6-1.9, a fully busy second core about 1.0.
@@ -74,6 +75,19 @@ _capacity_log: list[float] = []  # every 2-core capacity reading
 # --------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------- #
+
+
+def numpy_kernel(func: Callable[[], object]) -> Callable[[], object]:
+    """``func`` run with the numpy kernel instead of the compiled one."""
+
+    def run():
+        os.environ['NAPARI_MIXCOEF_KERNEL'] = 'numpy'
+        try:
+            return func()
+        finally:
+            del os.environ['NAPARI_MIXCOEF_KERNEL']
+
+    return run
 
 
 def best_times(
@@ -270,6 +284,7 @@ def bench_seed(n_images: int, n_lstsq: int, n_fsolve: int, repeat: int):
         'floor': lambda: flat @ d,
         'fit_stack': lambda: fit_stack(stack, ref1, ref2),
         'fit_stack_ols': lambda: fit_stack(stack, ref1, ref2, stderr='ols'),
+        'fit_stack_numpy': numpy_kernel(lambda: fit_stack(stack, ref1, ref2)),
         'lstsq': lambda: lstsq_loop(sub_l, ref1, ref2),
         'fsolve': lambda: fsolve_loop(sub_f, ref1, ref2),
     }
@@ -284,6 +299,7 @@ def bench_seed(n_images: int, n_lstsq: int, n_fsolve: int, repeat: int):
     full = {
         'fit_stack': t['fit_stack'],
         'fit_stack_ols': t['fit_stack_ols'],
+        'fit_stack_numpy': t['fit_stack_numpy'],
         'lstsq': t['lstsq'] * n_images / n_lstsq,
         'fsolve': t['fsolve'] * n_images / n_fsolve,
     }
@@ -293,6 +309,7 @@ def bench_seed(n_images: int, n_lstsq: int, n_fsolve: int, repeat: int):
     labels = {
         'fit_stack': ('fit_stack, mix, robust errors (default)', 'all'),
         'fit_stack_ols': ('fit_stack, mix, textbook errors', 'all'),
+        'fit_stack_numpy': ('fit_stack, default, numpy kernel', 'all'),
         'lstsq': ('seed 2: scipy.linalg.lstsq per image', f'{n_lstsq}'),
         'fsolve': ('seed 1: fsolve on RMSE loss per image', f'{n_fsolve}'),
         'sklearn': ('sklearn LinearRegression multi-target*', 'all'),
@@ -395,6 +412,13 @@ def bench_seed(n_images: int, n_lstsq: int, n_fsolve: int, repeat: int):
             None,
             True,
         )
+    record(
+        '(a) same, numpy kernel (context)',
+        full['lstsq'] / full['fit_stack_numpy'],
+        'x',
+        None,
+        True,
+    )
     return stack, ref1, ref2, t['floor']
 
 
@@ -438,6 +462,8 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
         'float32 scaled': lambda: fit_stack(s32, ref1, ref2, model='scaled'),
         'float32 offset': lambda: fit_stack(s32, ref1, ref2, model='offset'),
         'uint16 max': s16.max,
+        'float32 numpy': numpy_kernel(lambda: fit_stack(s32, ref1, ref2)),
+        'uint16 numpy': numpy_kernel(lambda: fit_stack(s16, ref1, ref2)),
     }
     # Context: the sums-only standard errors, where fit_stack offers a
     # choice (its default may take a slower per-slice path).
@@ -502,6 +528,12 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
             f'{fmt_time(t["float32 ols"])} = '
             f'{t["float32 ols"] / floor:.2f}x floor'
         )
+    for dtype in ('float32', 'uint16'):
+        print(
+            f'  {dtype} mix with the numpy kernel (no numba): '
+            f'{fmt_time(t[dtype + " numpy"])} = '
+            f'{t[dtype + " numpy"] / floor:.2f}x floor'
+        )
     print(
         f'  S16.max() (read-only uint16 pass, 1 thread): '
         f'{fmt_time(t["uint16 max"])} = {t["uint16 max"] / floor:.2f}x '
@@ -515,6 +547,90 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
     )
     print(f'best of {repeat}, interleaved, after a warm-up')
     return floor
+
+
+# --------------------------------------------------------------------- #
+# (d) the compiled kernel's weight
+# --------------------------------------------------------------------- #
+
+_FIRST_FIT = """
+import time
+t0 = time.perf_counter()
+import numpy as np
+import napari_mixcoef
+t1 = time.perf_counter()
+from napari_mixcoef import _fused
+_fused.warm_up()
+t2 = time.perf_counter()
+a = np.random.default_rng(0).random((64, 64)) + 1
+s = (np.random.default_rng(1).random((50, 64, 64)) * 100).astype(np.uint16)
+napari_mixcoef.fit_stack(s, a, a[::-1])
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def _installed_mb(dist: str) -> float:
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(dist).files or []
+    except metadata.PackageNotFoundError:
+        return float('nan')
+    total = 0
+    for f in files:
+        path = f.locate()
+        if os.path.isfile(path):
+            total += os.path.getsize(path)
+    return total / 1e6
+
+
+def bench_weight() -> None:
+    """Install size and first-call latency of the compiled kernel."""
+    import subprocess
+    import tempfile
+
+    section("(d) the compiled kernel's weight (numba)")
+    sizes = {d: _installed_mb(d) for d in ('numba', 'llvmlite')}
+    print(
+        'installed: '
+        + ', '.join(f'{d} {mb:.0f} MB' for d, mb in sizes.items())
+        + f' (total {sum(sizes.values()):.0f} MB)'
+    )
+
+    def fresh(env=None) -> list[float]:
+        out = subprocess.run(
+            [sys.executable, '-c', _FIRST_FIT],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            check=True,
+        )
+        return [float(v) for v in out.stdout.split()]
+
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        # an empty cache: what the very first fit after installing pays
+        cold = fresh({'NUMBA_CACHE_DIR': cache})
+        warm = min(
+            (fresh({'NUMBA_CACHE_DIR': cache}) for _ in range(3)),
+            key=sum,
+        )
+    plain = fresh({'NAPARI_MIXCOEF_KERNEL': 'numpy'})
+    for label, (imp, warm_up, fit) in (
+        ('first run after install (compiles)', cold),
+        ('later runs (machine code cached)', warm),
+        ('numpy kernel (no numba)', plain),
+    ):
+        rows.append((label, fmt_time(imp), fmt_time(warm_up), fmt_time(fit)))
+    print_table(
+        ('new process', 'import package', 'numba warm-up', 'first fit'),
+        rows,
+    )
+    print(
+        'the widget runs the warm-up in a background thread when it '
+        'opens; a script or the CLI pays it on its first fit'
+    )
 
 
 # --------------------------------------------------------------------- #
@@ -869,6 +985,7 @@ def main(argv: list[str] | None = None) -> int:
     floor = bench_big(s32, s16, ref1, ref2, x_true, repeat)
     probe('after (b)')
     bench_memory(s32, s16, ref1, ref2)
+    bench_weight()
     if args.profile:
         stack, r1, r2, floor_a = seed
         for label, args_ in (

@@ -1,14 +1,16 @@
 """The streaming kernel: per-slice sums of cache-sized blocks, on threads.
 
 numpy and memmap stacks, zarr arrays (and dask arrays read piece by piece)
-are walked block by block (see :mod:`napari_mixcoef._chunks`); each block is
-cast and centred into a per-thread buffer and reduced by a few numpy calls
-that release the GIL, and runs of blocks are spread over a persistent pool
-of two threads.  Pure numpy.
+are walked block by block (see :mod:`napari_mixcoef._chunks`), and runs of
+blocks are spread over a persistent pool of two threads.  Each block is
+reduced in one compiled pass (:mod:`napari_mixcoef._fused`) or, without
+numba, cast and centred into a per-thread buffer and reduced by a few
+numpy calls that release the GIL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import _fused
 from ._chunks import Block, as_numpy, read_runs
 from ._design import Design
 
@@ -50,13 +53,32 @@ class Kernel:
         self._local = threading.local()
         self._hac_sq = self._hac_lin = None
         self.hac_terms = None  # (t, u1·t) in the working dtype, for dask
+        self.fused = _fused.available(np.dtype(stack.dtype))
         # float64 data stored as C-ordered slices needs neither a cast nor
         # centring (its products with M are exact enough to centre
         # afterwards): the kernel reads it in place, saving a pass.
         self.rows = None
-        if design.dtype == np.float64 and design.mask is None:
+        if self.fused:
+            self._fused_vectors()
+        elif design.dtype == np.float64 and design.mask is None:
             self.rows = as_rows(stack, math.prod(lead_shape))
         self._set_basis()
+
+    def _fused_vectors(self) -> None:
+        # centre, u1, u2, t, u1·t and the mask as flat contiguous rows;
+        # t = 0 until hac() asks for the sandwich terms
+        d = self.design
+        n = d.basis.shape[1]
+        mask = np.ones(n, bool) if d.mask is None else d.mask.reshape(-1)
+        zeros = np.zeros(n, d.dtype)
+        self._vectors = [
+            np.ascontiguousarray(d.centre.reshape(-1)),
+            np.ascontiguousarray(d.basis[0]),
+            np.ascontiguousarray(d.basis[1]),
+            zeros,
+            zeros,
+            np.ascontiguousarray(mask),
+        ]
 
     def _set_basis(self) -> None:
         d = self.design
@@ -82,6 +104,8 @@ class Kernel:
         t = np.asarray(t, d.dtype)
         ut = t * d.basis[0]
         self.hac_terms = (t, ut)
+        if self.fused:
+            self._vectors[3:5] = [np.ascontiguousarray(t), ut]
         self._hac_sq = np.stack([t, np.ones_like(t)], axis=1)  # (n, 2)
         if self.rows is not None:  # raw y: also Σy·M·t, to centre later
             self._hac_lin = np.stack([ut, t * d.centre.reshape(-1)], axis=1)
@@ -161,6 +185,13 @@ class Kernel:
     def accumulate(self, block: Block, out: np.ndarray) -> None:
         """Add the block's sums to ``out[block.start:block.stop]``."""
         px = self.pixel_range(block)
+        if self.fused:
+            vectors = [v[px] for v in self._vectors]
+            for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
+                y = as_numpy(piece).reshape(r1 - r0, -1)
+                rows = slice(block.start + r0, block.start + r1)
+                _fused.block_sums(np.ascontiguousarray(y), *vectors, out[rows])
+            return
         basis_t = self._basis_t[px]
         if self.rows is not None:
             pieces = [(0, self.rows[block.start : block.stop, px])]
@@ -262,12 +293,15 @@ def thread_run(
     work: Callable[[Block], None],
     check: Callable[[int, int], None],
     n_slices: int,
+    blas: bool = True,
 ) -> Generator[tuple[int, int], None, None]:
     """Run ``work`` on every block on the chunk threads, in runs.
 
     ``check(start, stop)`` runs in the caller's thread on each finished run
     of slices (it may raise, which stops the rest).  Yields
-    ``(done_slices, total_slices)`` as runs finish, in order.
+    ``(done_slices, total_slices)`` as runs finish, in order.  ``blas``:
+    whether ``work`` calls BLAS (then limited to one thread per worker;
+    setting and lifting that limit costs milliseconds).
     """
     stop_event = threading.Event()
 
@@ -282,10 +316,15 @@ def thread_run(
 
     tasks = batch(groups)
     yield 0, n_slices
-    pool, blas = pool_and_blas()
+    pool, controller = pool_and_blas()
     # BLAS runs single-threaded inside our chunk threads: nested threading
     # would only oversubscribe the cores.
-    with blas.limit(limits=1, user_api='blas'):
+    limit = (
+        controller.limit(limits=1, user_api='blas')
+        if blas
+        else contextlib.nullcontext()
+    )
+    with limit:
         futures = [pool.submit(run_task, task) for task in tasks]
         try:
             for task, fut in zip(tasks, futures):

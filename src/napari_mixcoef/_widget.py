@@ -184,8 +184,9 @@ class MixcoefWidget(Container):
         self._on_noise_changed()
         self._update_diagnostics()
         # matplotlib's first import takes most of a second of mostly Python
-        # work: do it now, in the background, not when the first fit ends
-        threading.Thread(target=_import_plot, daemon=True).start()
+        # work, numba's import and machine code a few seconds: do both now,
+        # in the background, not when the first fit runs or ends
+        threading.Thread(target=_warm_up, daemon=True).start()
         # when the widget goes away (dock or viewer closed): stop a running
         # fit and let go of the viewer's layer events
         holder = {
@@ -604,8 +605,10 @@ class MixcoefWidget(Container):
         self.status.native.setStyleSheet('color: #e06c75;' if error else '')
 
 
-def _import_plot() -> None:
-    from . import _plot  # noqa: F401
+def _warm_up() -> None:
+    from . import _fused, _plot  # noqa: F401
+
+    _fused.warm_up()
 
 
 def _alive(widget) -> bool:

@@ -272,6 +272,7 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
                 raw[start:stop, 4], start, lead_shape
             ),
             n_slices,
+            blas=not kernel.fused,
         )
     kernel.centred_sums(raw)
     g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)

@@ -1,0 +1,159 @@
+"""The fused per-slice sums: one compiled pass over each block (numba).
+
+Least squares with honest errors needs seven sums per slice (see
+:data:`napari_mixcoef._kernel.N_SUMS`).  numpy gets them in several passes
+(cast, centre, a BLAS product, squares, more products), each a read of the
+block; this kernel reads each pixel once, casts and centres it in a
+register and adds it into all seven sums, so a fit costs about one read of
+the stack.  It runs on the caller's threads (``nogil``).
+
+numba is imported on first use, not with the package: importing it and
+starting LLVM take seconds, which the GUI spends in a background thread
+(:func:`warm_up`).  Without numba, for a dtype it cannot take, or with
+``NAPARI_MIXCOEF_KERNEL=numpy`` in the environment, :func:`available`
+says no and the numpy kernel of :mod:`napari_mixcoef._kernel` does the
+work (the tests hold both to the same results).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+#: Stack dtypes the compiled kernel reads directly (native byte order).
+#: Others (float16, big-endian data) go through the numpy kernel.
+DTYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.uint8,
+        np.int8,
+        np.uint16,
+        np.int16,
+        np.uint32,
+        np.int32,
+        np.uint64,
+        np.int64,
+        np.float32,
+        np.float64,
+    )
+)
+
+#: Pixels summed in the working dtype before the running float64 sums
+#: take them: float32 keeps ~7 digits over a thousand terms, and the
+#: compiler gets a loop it can vectorize.
+_RUN = 1024
+
+_LOCK = threading.Lock()
+_COMPILED = None  # the numba dispatcher, once made
+_FAILED = False  # numba missing or broken: never try again
+
+
+def enabled() -> bool:
+    """Whether the environment allows the compiled kernel."""
+    return os.environ.get('NAPARI_MIXCOEF_KERNEL', 'auto') != 'numpy'
+
+
+def available(dtype: np.dtype) -> bool:
+    """Whether the compiled kernel can reduce a stack of ``dtype``."""
+    dtype = np.dtype(dtype)
+    return (
+        enabled()
+        and dtype in DTYPES
+        and dtype.isnative
+        and _kernel() is not None
+    )
+
+
+def warm_up(dtypes=(np.uint16, np.float32)) -> None:
+    """Import numba and compile (or load from its cache) common cases.
+
+    Costs a few seconds the first time in a process; the widget calls it
+    in a background thread so the first fit does not pay for it.
+    """
+    if not enabled() or _kernel() is None:
+        return
+    for dtype in dtypes:
+        work = np.float32 if np.dtype(dtype).itemsize <= 4 else np.float64
+        vec = np.zeros(1, work)
+        block_sums(
+            np.zeros((1, 1), dtype), vec, vec, vec, vec, vec,
+            np.ones(1, np.bool_), np.zeros((1, 8)),
+        )  # fmt: skip
+
+
+def block_sums(y, centre, u1, u2, t, ut, mask, out) -> None:
+    """Add one block's centred sums into ``out`` (in place).
+
+    Parameters
+    ----------
+    y : ndarray, shape (rows, n_px)
+        The block's slices, flattened, in the stack's dtype (C-ordered).
+    centre, u1, u2, t, ut : ndarray, shape (n_px,)
+        ``M``, the basis rows ``u1 = A − B`` and ``u2 = M − mean M``, and
+        the HAC sandwich terms ``t`` and ``u1·t``, all in the working
+        dtype (float32 for ≤ 16-bit data and float32, else float64).
+    mask : ndarray of bool, shape (n_px,)
+        Fitted pixels; the others are never read into a sum.
+    out : ndarray of float64, shape (rows, 8)
+        Columns 0, 1, 2, 4, 5, 6 get ``u1ᵀy_c``, ``u2ᵀy_c``, ``Σy_c``,
+        ``Σy_c²``, ``Σy_c²t`` and ``Σy_c u1 t`` added (``y_c = y − M``).
+    """
+    _kernel()(y, centre, u1, u2, t, ut, mask, out)
+
+
+def _kernel():
+    global _COMPILED, _FAILED
+    if _COMPILED is not None or _FAILED:
+        return _COMPILED
+    with _LOCK:
+        if _COMPILED is None and not _FAILED:
+            try:
+                _COMPILED = _compile()
+            except ImportError:
+                _FAILED = True
+    return _COMPILED
+
+
+def _compile():
+    import numba
+
+    # These fastmath flags let LLVM reorder the sums into SIMD lanes (the
+    # float32 runs are short, so that changes only the last digits); NaN
+    # and inf keep their meaning, so bad slices are still caught.
+    # cache=True keeps the machine code between sessions.
+    flags = {'reassoc', 'contract', 'nsz', 'arcp'}
+
+    @numba.njit(nogil=True, fastmath=flags, cache=True, error_model='numpy')
+    def sums(y, centre, u1, u2, t, ut, mask, out):
+        rows, n_px = y.shape
+        zero = centre.dtype.type(0)
+        for i in range(rows):
+            a0 = a1 = a2 = a3 = a5 = a6 = 0.0
+            for p0 in range(0, n_px, _RUN):
+                s0 = s1 = s2 = s3 = s5 = s6 = zero
+                for p in range(p0, min(p0 + _RUN, n_px)):
+                    v = centre.dtype.type(y[i, p]) - centre[p]
+                    v = v if mask[p] else zero
+                    s0 += u1[p] * v
+                    s1 += u2[p] * v
+                    s2 += v
+                    vv = v * v
+                    s3 += vv
+                    s5 += vv * t[p]
+                    s6 += v * ut[p]
+                a0 += s0
+                a1 += s1
+                a2 += s2
+                a3 += s3
+                a5 += s5
+                a6 += s6
+            out[i, 0] += a0
+            out[i, 1] += a1
+            out[i, 2] += a2
+            out[i, 4] += a3
+            out[i, 5] += a5
+            out[i, 6] += a6
+
+    return sums

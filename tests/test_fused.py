@@ -1,0 +1,164 @@
+"""The compiled one-pass kernel against the numpy kernel it replaces.
+
+Both paths ship: the compiled one by default, numpy without numba (or with
+``NAPARI_MIXCOEF_KERNEL=numpy``).  The core tests hold the default path to
+scipy and to known truths; these hold the two paths to each other, over
+the dtypes, masks, bands and error modes the kernel sees.
+"""
+
+import dask.array as da
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from napari_mixcoef import _fused, fit_stack
+
+from conftest import make_stack
+
+KEYS = ('coef', 'stderr', 'x', 'x_stderr', 'r2', 'rmse')
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count the compiled kernel's calls (it must be the one that ran)."""
+    count = []
+    inner = _fused.block_sums
+
+    def spy(*args):
+        count.append(len(args[0]))
+        inner(*args)
+
+    monkeypatch.setattr(_fused, 'block_sums', spy)
+    return count
+
+
+def both_paths(monkeypatch, calls, stack, a, b, **kwargs):
+    fused = fit_stack(stack, a, b, **kwargs)
+    assert calls, 'the compiled kernel did not run'
+    with monkeypatch.context() as m:
+        m.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+        n_calls = len(calls)
+        plain = fit_stack(stack, a, b, **kwargs)
+        assert len(calls) == n_calls, 'numpy path called the compiled one'
+    return fused, plain
+
+
+def assert_same(fused, plain, rtol):
+    for key in KEYS:
+        # robust errors come from a sum that cancels (see core._fit_sums):
+        # it keeps a digit less; 1e-4 of an error is far below its own
+        # sampling uncertainty
+        tol = rtol * 10 if key.endswith('stderr') else rtol
+        assert_allclose(
+            getattr(fused, key),
+            getattr(plain, key),
+            rtol=tol,
+            atol=1e-12,
+            err_msg=key,
+        )
+
+
+# float32 work: the numpy path's SSR (a difference of float32 BLAS sums)
+# is good to ~1e-5 relative, the compiled one's to ~2e-6 (see below).
+F32 = 3e-5
+RTOL = {np.float32: F32, np.uint16: F32, np.uint8: F32, np.float64: 1e-9}
+
+
+@pytest.mark.parametrize('dtype', list(RTOL))
+@pytest.mark.parametrize('stderr', ['auto', 'ols'])
+@pytest.mark.parametrize('masked', [False, True])
+def test_mix_model_matches_numpy_path(
+    monkeypatch, calls, dtype, stderr, masked
+):
+    stack, a, b, _ = make_stack(lead=(30,), noise=5.0)
+    if dtype == np.uint8:  # bring the data into the dtype's range
+        a, b, stack = a * 0.4, b * 0.4, stack * 0.4
+    stack = np.clip(stack, 0, 255 if dtype == np.uint8 else None)
+    stack = stack.astype(dtype)
+    mask = None
+    if masked:
+        mask = np.ones(a.shape, bool)
+        mask[:5, 3:9] = False
+    fused, plain = both_paths(
+        monkeypatch, calls, stack, a, b, stderr=stderr, mask=mask
+    )
+    assert_same(fused, plain, RTOL[dtype])
+    assert_allclose(fused.x, plain.x, atol=1e-4 * np.median(plain.x_stderr))
+
+
+@pytest.mark.parametrize('model', ['scaled', 'offset'])
+def test_other_models_with_textbook_errors(monkeypatch, calls, model):
+    stack, a, b, _ = make_stack(lead=(4, 6), noise=5.0)
+    fused, plain = both_paths(
+        monkeypatch, calls, stack.astype(np.float32), a, b,
+        model=model, stderr='ols',
+    )  # fmt: skip
+    assert_same(fused, plain, F32)
+
+
+def test_bands_and_views(monkeypatch, calls):
+    # slices bigger than a chunk are cut into bands along Y; a strided
+    # view is read through a copy of each piece
+    stack, a, b, _ = make_stack(lead=(20,), shape=(64, 40), noise=5.0)
+    view = stack.astype(np.float32)[::2]
+    fused, plain = both_paths(monkeypatch, calls, view, a, b, chunk_bytes=2048)
+    assert_same(fused, plain, F32)
+    assert max(calls) <= 1  # one slice (or band) per call
+
+
+def test_dask_and_zarr_pieces(monkeypatch, calls, tmp_path):
+    zarr = pytest.importorskip('zarr')
+    stack, a, b, _ = make_stack(lead=(25,), noise=5.0)
+    stack = stack.astype(np.uint16)
+    z = zarr.create_array(
+        store=str(tmp_path / 's.zarr'), shape=stack.shape,
+        chunks=(4, 24, 20), dtype=stack.dtype,
+    )  # fmt: skip
+    z[:] = stack
+    fused, plain = both_paths(monkeypatch, calls, z, a, b, stderr='ols')
+    assert_same(fused, plain, F32)
+    # a dask stack is reduced by dask's own tasks, in numpy, and agrees
+    lazy = fit_stack(da.from_array(stack, chunks=(6, 24, 20)), a, b)
+    reference = fit_stack(stack, a, b)
+    assert_same(lazy, reference, F32)
+
+
+def test_float32_sums_hold_float64_accuracy(calls):
+    # against a float64 least-squares fit of the same uint16 data
+    stack, a, b, _ = make_stack(lead=(25,), shape=(96, 80), noise=5.0)
+    stack = stack.astype(np.uint16)
+    fit = fit_stack(stack, a, b, stderr='ols')
+    assert calls
+    y = stack.reshape(len(stack), -1) - b.reshape(-1)
+    d = (a - b).reshape(-1)
+    x = y @ d / (d @ d)
+    rmse = np.sqrt(np.mean((y - x[:, None] * d) ** 2, axis=1))
+    assert_allclose(fit.x, x, rtol=0, atol=1e-5 * np.median(fit.x_stderr))
+    assert_allclose(fit.rmse, rmse, rtol=5e-6)
+
+
+def test_nan_outside_the_mask_is_ignored_inside_reported(calls):
+    stack, a, b, _ = make_stack(lead=(10,), noise=5.0)
+    stack = stack.astype(np.float32)
+    mask = np.ones(a.shape, bool)
+    mask[2, 3] = False
+    stack[4, 2, 3] = np.nan
+    fit = fit_stack(stack, a, b, mask=mask)
+    assert np.isfinite(fit.x).all()
+    stack[7, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r'slice \(7,\)'):
+        fit_stack(stack, a, b, mask=mask)
+
+
+def test_dtypes_it_cannot_read_fall_back():
+    assert _fused.available(np.dtype('<u2'))
+    assert not _fused.available(np.dtype(np.float16))
+    assert not _fused.available(np.dtype('>f4'))
+    stack, a, b, x = make_stack(lead=(10,), noise=2.0)
+    fit = fit_stack(stack.astype('>f4'), a, b)
+    assert np.all(np.abs(fit.x - x) < 5 * fit.x_stderr)
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+    assert not _fused.available(np.dtype(np.float32))
