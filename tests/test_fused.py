@@ -159,6 +159,17 @@ def test_dtypes_it_cannot_read_fall_back():
     assert np.all(np.abs(fit.x - x) < 5 * fit.x_stderr)
 
 
+def test_without_numba_the_numpy_kernel_fits(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(_fused, '_JITTED', {})
+    monkeypatch.setitem(sys.modules, 'numba', None)  # import fails
+    assert not _fused.available(np.dtype(np.float32))
+    stack, a, b, x = make_stack(lead=(10,), noise=2.0)
+    fit = fit_stack(stack.astype(np.float32), a, b, noise='huber')
+    assert np.all(np.abs(fit.x - x) < 5 * fit.x_stderr)
+
+
 def test_environment_switch(monkeypatch):
     monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
     assert not _fused.available(np.dtype(np.float32))

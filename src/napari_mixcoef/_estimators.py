@@ -179,6 +179,19 @@ def _median_abs(r: NDArray, bd: BlockDesign) -> NDArray[np.float64]:
 def fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     """Fit each slice of a block; return ``(m, n_out)`` float64 rows.
 
+    The compiled per-slice kernel of :mod:`napari_mixcoef._fused_irls`
+    where it covers the case (one coefficient, numba present), else
+    :func:`fit_block_numpy`; both give the same rows (see its tests).
+    """
+    from ._fused_irls import fit_block_fused  # it imports this module
+
+    out = fit_block_fused(yc, bd, spec)
+    return fit_block_numpy(yc, bd, spec) if out is None else out
+
+
+def fit_block_numpy(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
+    """Fit each slice of a block with numpy; see :func:`fit_block`.
+
     Parameters
     ----------
     yc : (m, n) ndarray

@@ -45,9 +45,14 @@ DTYPES = frozenset(
 #: compiler gets a loop it can vectorize.
 _RUN = 1024
 
+#: numba's fast-math flags without ``nnan``/``ninf``: NaN and inf keep
+#: their meaning, so bad slices are still caught.  ``reassoc`` lets LLVM
+#: spread the sums over SIMD lanes (the runs are short, so that changes only
+#: the last digits), ``contract`` fuses multiply-adds.
+FLAGS = frozenset({'reassoc', 'contract', 'nsz', 'arcp'})
+
 _LOCK = threading.Lock()
-_COMPILED = None  # the numba dispatcher, once made
-_FAILED = False  # numba missing or broken: never try again
+_JITTED: dict = {}  # plain function -> numba dispatcher, or None
 
 
 def enabled() -> bool:
@@ -103,57 +108,63 @@ def block_sums(y, centre, u1, u2, t, ut, mask, out) -> None:
     _kernel()(y, centre, u1, u2, t, ut, mask, out)
 
 
+def jit(func, flags=FLAGS):
+    """Return ``func`` compiled by numba (made once), or None without it.
+
+    ``nogil``: the chunk threads run it in parallel; ``cache``: the
+    machine code is kept on disk between sessions; ``error_model='numpy'``:
+    no zero-division checks, which keep loops from vectorizing.
+    """
+    if not enabled():
+        return None
+    if func not in _JITTED:
+        with _LOCK:
+            if func not in _JITTED:
+                try:
+                    import numba
+                except ImportError:
+                    _JITTED[func] = None
+                else:
+                    _JITTED[func] = numba.njit(
+                        nogil=True,
+                        fastmath=set(flags),
+                        error_model='numpy',
+                        cache=True,
+                    )(func)
+    return _JITTED[func]
+
+
 def _kernel():
-    global _COMPILED, _FAILED
-    if _COMPILED is not None or _FAILED:
-        return _COMPILED
-    with _LOCK:
-        if _COMPILED is None and not _FAILED:
-            try:
-                _COMPILED = _compile()
-            except ImportError:
-                _FAILED = True
-    return _COMPILED
+    return jit(_sums)
 
 
-def _compile():
-    import numba
-
-    # These fastmath flags let LLVM reorder the sums into SIMD lanes (the
-    # float32 runs are short, so that changes only the last digits); NaN
-    # and inf keep their meaning, so bad slices are still caught.
-    # cache=True keeps the machine code between sessions.
-    flags = {'reassoc', 'contract', 'nsz', 'arcp'}
-
-    @numba.njit(nogil=True, fastmath=flags, cache=True, error_model='numpy')
-    def sums(y, centre, u1, u2, t, ut, mask, out):
-        rows, n_px = y.shape
-        zero = centre.dtype.type(0)
-        for i in range(rows):
-            a0 = a1 = a2 = a3 = a5 = a6 = 0.0
-            for p0 in range(0, n_px, _RUN):
-                s0 = s1 = s2 = s3 = s5 = s6 = zero
-                for p in range(p0, min(p0 + _RUN, n_px)):
-                    v = centre.dtype.type(y[i, p]) - centre[p]
-                    v = v if mask[p] else zero
-                    s0 += u1[p] * v
-                    s1 += u2[p] * v
-                    s2 += v
-                    vv = v * v
-                    s3 += vv
-                    s5 += vv * t[p]
-                    s6 += v * ut[p]
-                a0 += s0
-                a1 += s1
-                a2 += s2
-                a3 += s3
-                a5 += s5
-                a6 += s6
-            out[i, 0] += a0
-            out[i, 1] += a1
-            out[i, 2] += a2
-            out[i, 4] += a3
-            out[i, 5] += a5
-            out[i, 6] += a6
-
-    return sums
+def _sums(y, centre, u1, u2, t, ut, mask, out):  # pragma: no cover
+    """Compiled by :func:`jit`; see :func:`block_sums`."""
+    rows, n_px = y.shape
+    zero = centre.dtype.type(0)
+    for i in range(rows):
+        a0 = a1 = a2 = a3 = a5 = a6 = 0.0
+        for p0 in range(0, n_px, _RUN):
+            s0 = s1 = s2 = s3 = s5 = s6 = zero
+            for p in range(p0, min(p0 + _RUN, n_px)):
+                v = centre.dtype.type(y[i, p]) - centre[p]
+                v = v if mask[p] else zero
+                s0 += u1[p] * v
+                s1 += u2[p] * v
+                s2 += v
+                vv = v * v
+                s3 += vv
+                s5 += vv * t[p]
+                s6 += v * ut[p]
+            a0 += s0
+            a1 += s1
+            a2 += s2
+            a3 += s3
+            a5 += s5
+            a6 += s6
+        out[i, 0] += a0
+        out[i, 1] += a1
+        out[i, 2] += a2
+        out[i, 4] += a3
+        out[i, 5] += a5
+        out[i, 6] += a6
