@@ -10,7 +10,6 @@ numpy calls that release the GIL.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import threading
@@ -65,18 +64,19 @@ class Kernel:
         self._set_basis()
 
     def _fused_vectors(self) -> None:
-        # centre, u1, u2, t, u1·t and the mask as flat contiguous rows;
-        # t = 0 until hac() asks for the sandwich terms
+        # M, mean(M), u1, t (None until hac() asks for the sandwich terms)
+        # and the mask as flat contiguous rows
         d = self.design
         n = d.basis.shape[1]
         mask = np.ones(n, bool) if d.mask is None else d.mask.reshape(-1)
-        zeros = np.zeros(n, d.dtype)
+        centre = d.centre.reshape(-1)
+        # u2 = M − mean (as prepare() rounds it, to within an ulp of M)
+        mean = d.dtype.type(centre.astype(np.float64)[mask].mean())
         self._vectors = [
-            np.ascontiguousarray(d.centre.reshape(-1)),
+            np.ascontiguousarray(centre),
+            mean,
             np.ascontiguousarray(d.basis[0]),
-            np.ascontiguousarray(d.basis[1]),
-            zeros,
-            zeros,
+            None,
             np.ascontiguousarray(mask),
         ]
 
@@ -105,7 +105,7 @@ class Kernel:
         ut = t * d.basis[0]
         self.hac_terms = (t, ut)
         if self.fused:
-            self._vectors[3:5] = [np.ascontiguousarray(t), ut]
+            self._vectors[3] = np.ascontiguousarray(t)
         self._hac_sq = np.stack([t, np.ones_like(t)], axis=1)  # (n, 2)
         if self.rows is not None:  # raw y: also Σy·M·t, to centre later
             self._hac_lin = np.stack([ut, t * d.centre.reshape(-1)], axis=1)
@@ -186,7 +186,10 @@ class Kernel:
         """Add the block's sums to ``out[block.start:block.stop]``."""
         px = self.pixel_range(block)
         if self.fused:
-            vectors = [v[px] for v in self._vectors]
+            vectors = [
+                v[px] if isinstance(v, np.ndarray) else v
+                for v in self._vectors
+            ]
             for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
                 y = as_numpy(piece).reshape(r1 - r0, -1)
                 rows = slice(block.start + r0, block.start + r1)
@@ -288,20 +291,32 @@ def pool_and_blas():
     return _POOL, _BLAS
 
 
+def one_blas_thread():
+    """Context: BLAS on one thread while a fit runs.
+
+    The chunk threads are the parallelism: BLAS threads inside them would
+    oversubscribe the cores, and after any multi-threaded BLAS call (even a
+    small one while preparing the references) OpenBLAS's idle threads spin
+    for about 0.1 s, taking the cores from the chunk threads (measured: a
+    fit 1.5× slower).  With the controller made once, entering and leaving
+    costs tens of µs.
+    """
+    _, controller = pool_and_blas()
+    return controller.limit(limits=1, user_api='blas')
+
+
 def thread_run(
     groups: list[list[Block]],
     work: Callable[[Block], None],
     check: Callable[[int, int], None],
     n_slices: int,
-    blas: bool = True,
 ) -> Generator[tuple[int, int], None, None]:
     """Run ``work`` on every block on the chunk threads, in runs.
 
     ``check(start, stop)`` runs in the caller's thread on each finished run
     of slices (it may raise, which stops the rest).  Yields
-    ``(done_slices, total_slices)`` as runs finish, in order.  ``blas``:
-    whether ``work`` calls BLAS (then limited to one thread per worker;
-    setting and lifting that limit costs milliseconds).
+    ``(done_slices, total_slices)`` as runs finish, in order.  Run it
+    inside :func:`one_blas_thread`.
     """
     stop_event = threading.Event()
 
@@ -316,31 +331,23 @@ def thread_run(
 
     tasks = batch(groups)
     yield 0, n_slices
-    pool, controller = pool_and_blas()
-    # BLAS runs single-threaded inside our chunk threads: nested threading
-    # would only oversubscribe the cores.
-    limit = (
-        controller.limit(limits=1, user_api='blas')
-        if blas
-        else contextlib.nullcontext()
-    )
-    with limit:
-        futures = [pool.submit(run_task, task) for task in tasks]
-        try:
-            for task, fut in zip(tasks, futures):
-                fut.result()
-                start, stop = task[0][0].start, task[-1][0].stop
-                check(start, stop)
-                yield stop, n_slices
-        finally:
-            # a closed generator (cancelled fit) stops the other tasks too,
-            # and waits for the running ones: they write into the results
-            stop_event.set()
-            for fut in futures:
-                fut.cancel()
-            for fut in futures:
-                if not fut.cancelled():
-                    fut.exception()
+    pool, _ = pool_and_blas()
+    futures = [pool.submit(run_task, task) for task in tasks]
+    try:
+        for task, fut in zip(tasks, futures):
+            fut.result()
+            start, stop = task[0][0].start, task[-1][0].stop
+            check(start, stop)
+            yield stop, n_slices
+    finally:
+        # a closed generator (cancelled fit) stops the other tasks too,
+        # and waits for the running ones: they write into the results
+        stop_event.set()
+        for fut in futures:
+            fut.cancel()
+        for fut in futures:
+            if not fut.cancelled():
+                fut.exception()
 
 
 def batch(groups) -> list[list[list[Block]]]:

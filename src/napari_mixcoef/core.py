@@ -63,7 +63,13 @@ from ._estimators import (
     fit_block,
     split_output,
 )
-from ._kernel import N_SUMS, Kernel, check_finite, thread_run
+from ._kernel import (
+    N_SUMS,
+    Kernel,
+    check_finite,
+    one_blas_thread,
+    thread_run,
+)
 from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
 
 __all__ = [
@@ -211,31 +217,33 @@ def _fit_steps(
     yields each step to its event loop and can stop the fit between chunks
     by closing the generator.  The :class:`MixFit` is its return value.
     """
-    spec = NoiseSpec(
-        noise, stderr, float(gain), float(camera_offset), float(read_noise)
-    )
-    check_spec(spec)
-    ref_shape = tuple(getattr(ref1, 'shape', np.shape(ref1)))
-    stack = check_stack(stack, ref_shape)
-    design = prepare(ref1, ref2, mask, model, np.dtype(stack.dtype))
-    lead_shape = tuple(
-        int(s) for s in stack.shape[: stack.ndim - len(ref_shape)]
-    )
-    chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
-    groups = plan_blocks(
-        lead_shape,
-        ref_shape,
-        design.dtype.itemsize,
-        chunk_bytes,
-        align=storage_chunk_length(stack),
-        bands=_sums_suffice(spec, design),
-    )
-    kernel = Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
-    if _sums_suffice(spec, design):
-        fit = yield from _fit_sums(stack, design, spec, kernel, groups)
-    else:
-        fit = yield from _fit_slices(stack, design, spec, kernel, groups)
-    return fit
+    # BLAS on one thread throughout: see _kernel.one_blas_thread
+    with one_blas_thread():
+        spec = NoiseSpec(
+            noise, stderr, float(gain), float(camera_offset), float(read_noise)
+        )
+        check_spec(spec)
+        ref_shape = tuple(getattr(ref1, 'shape', np.shape(ref1)))
+        stack = check_stack(stack, ref_shape)
+        design = prepare(ref1, ref2, mask, model, np.dtype(stack.dtype))
+        lead_shape = tuple(
+            int(s) for s in stack.shape[: stack.ndim - len(ref_shape)]
+        )
+        chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
+        groups = plan_blocks(
+            lead_shape,
+            ref_shape,
+            design.dtype.itemsize,
+            chunk_bytes,
+            align=storage_chunk_length(stack),
+            bands=_sums_suffice(spec, design),
+        )
+        kernel = Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
+        if _sums_suffice(spec, design):
+            fit = yield from _fit_sums(stack, design, spec, kernel, groups)
+        else:
+            fit = yield from _fit_slices(stack, design, spec, kernel, groups)
+        return fit
 
 
 def _sums_suffice(spec: NoiseSpec, design: Design) -> bool:
@@ -272,7 +280,6 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
                 raw[start:stop, 4], start, lead_shape
             ),
             n_slices,
-            blas=not kernel.fused,
         )
     kernel.centred_sums(raw)
     g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)
