@@ -69,7 +69,9 @@ class Kernel:
         d = self.design
         n = d.basis.shape[1]
         mask = np.ones(n, bool) if d.mask is None else d.mask.reshape(-1)
-        centre = d.centre.reshape(-1)
+        # M is zero outside the mask: a reference may hold inf or NaN there,
+        # and the kernel multiplies M − mean by y_c (zero outside).
+        centre = np.where(mask, d.centre.reshape(-1), 0).astype(d.dtype)
         # u2 = M − mean (as prepare() rounds it, to within an ulp of M)
         mean = d.dtype.type(centre.astype(np.float64)[mask].mean())
         self._vectors = [
