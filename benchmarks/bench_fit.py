@@ -64,6 +64,8 @@ MEMORY_TARGET_MB = 32.0
 # Below this 2-core capacity another process had the second core.  An idle
 # 2-vCPU VM reads about 1.6-1.9, a fully busy second core about 1.0.
 CAPACITY_WARN = 1.4
+#: Pause before each timed call (see best_times).
+SETTLE = 0.2
 
 BIG_SHAPE = (256, 256)
 SMALL_SHAPE = (64, 64)
@@ -98,14 +100,18 @@ def best_times(
     """Best wall time of each callable, after one warm-up call each.
 
     The callables run interleaved (a, b, c, a, b, c, ...) so that a burst
-    of load from another process hits all of them alike.  Callables named
-    in `self_timed` return their own duration in seconds instead.
+    of load from another process hits all of them alike.  Each starts
+    after a pause of SETTLE seconds: after a multi-threaded BLAS call (the
+    floor's GEMV) OpenBLAS's idle threads spin for ~0.1 s and would take
+    the cores from whatever runs next.  Callables named in `self_timed`
+    return their own duration in seconds instead.
     """
     for f in funcs.values():
         f()
     best = dict.fromkeys(funcs, math.inf)
     for _ in range(repeat):
         for name, f in funcs.items():
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             out = f()
             dt = time.perf_counter() - t0

@@ -229,21 +229,31 @@ def _fit_steps(
         lead_shape = tuple(
             int(s) for s in stack.shape[: stack.ndim - len(ref_shape)]
         )
-        chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
+        block_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
+        kernel = Kernel(stack, design, lead_shape, ref_shape, block_bytes)
+        in_place = kernel.fused and isinstance(stack, np.ndarray)
+        if chunk_bytes is None and in_place and _sums_suffice(spec, design):
+            # nothing is copied: bigger blocks only mean fewer calls
+            block_bytes = _IN_MEMORY_BLOCK_BYTES
         groups = plan_blocks(
             lead_shape,
             ref_shape,
             design.dtype.itemsize,
-            chunk_bytes,
+            block_bytes,
             align=storage_chunk_length(stack),
             bands=_sums_suffice(spec, design),
         )
-        kernel = Kernel(stack, design, lead_shape, ref_shape, chunk_bytes)
         if _sums_suffice(spec, design):
             fit = yield from _fit_sums(stack, design, spec, kernel, groups)
         else:
             fit = yield from _fit_slices(stack, design, spec, kernel, groups)
         return fit
+
+
+#: Blocks of an in-memory stack for the compiled one-pass sums (which read
+#: the stack in place): 4 MiB halves the calls and tasks of 1 MiB blocks
+#: and took 15 % less time on 5000 images of 64 × 64.
+_IN_MEMORY_BLOCK_BYTES = 4 << 20
 
 
 def _sums_suffice(spec: NoiseSpec, design: Design) -> bool:
