@@ -173,3 +173,32 @@ def test_without_numba_the_numpy_kernel_fits(monkeypatch):
 def test_environment_switch(monkeypatch):
     monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
     assert not _fused.available(np.dtype(np.float32))
+
+
+@pytest.mark.parametrize('noise', ['poisson', 'huber'])
+@pytest.mark.parametrize('dtype', [np.uint16, np.float32])
+def test_robust_fits_read_the_stored_slices(monkeypatch, noise, dtype):
+    # the compiled IRLS casts and centres the stored slices itself; it must
+    # agree with numpy's cast-and-centre followed by the numpy fit
+    from napari_mixcoef import core
+
+    raw_calls = []
+    inner = core.fit_block_fused
+
+    def spy(y, *args, **kwargs):
+        raw_calls.append(y.dtype)
+        return inner(y, *args, **kwargs)
+
+    monkeypatch.setattr(core, 'fit_block_fused', spy)
+    stack, a, b, _ = make_stack(lead=(12,), noise=5.0)
+    stack = np.clip(stack, 0, None).astype(dtype)
+    stack[3, 4, 5] = 4000  # a hot pixel
+    mask = np.ones(a.shape, bool)
+    mask[:4, :6] = False
+    kwargs = dict(noise=noise, mask=mask, camera_offset=50.0, gain=2.0)
+    fused = fit_stack(stack, a, b, **kwargs)
+    assert raw_calls and set(raw_calls) == {np.dtype(dtype)}
+    with monkeypatch.context() as m:
+        m.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+        plain = fit_stack(stack, a, b, **kwargs)
+    assert_same(fused, plain, F32)

@@ -34,7 +34,7 @@ from ._estimators import (
     BlockDesign,
     NoiseSpec,
 )
-from ._fused import jit
+from ._fused import DTYPES, jit
 
 _NOISE_CODES = {'gaussian': 0, 'poisson': 1, 'huber': 2}
 
@@ -51,7 +51,7 @@ _RUNS: dict[tuple[int, int], tuple[NDArray | None, NDArray]] = {}
 
 
 def fit_block_fused(
-    yc: NDArray, bd: BlockDesign, spec: NoiseSpec
+    yc: NDArray, bd: BlockDesign, spec: NoiseSpec, *, raw: bool = False
 ) -> NDArray | None:
     """Fit each slice of a block like :func:`fit_block`, compiled per slice.
 
@@ -59,11 +59,15 @@ def fit_block_fused(
     ----------
     yc : (m, n) ndarray
         Whole slices centred on ``M``, working dtype (float32 or float64),
-        zero outside the mask.
+        zero outside the mask; with ``raw``, the slices as stored (any
+        dtype of :data:`napari_mixcoef._fused.DTYPES`), which the kernel
+        casts and centres as it reads them (bit for bit as numpy would).
     bd : BlockDesign
-        The shared design, in the same dtype as ``yc``.
+        The shared design, in the working dtype.
     spec : NoiseSpec
         Noise model and standard-error mode.
+    raw : bool
+        Whether ``yc`` holds the stored slices rather than centred ones.
 
     Returns
     -------
@@ -75,13 +79,13 @@ def fit_block_fused(
         dtypes, ``stderr="auto"`` without sandwich terms): then call
         :func:`fit_block`.
     """
-    if not _supported(yc, bd, spec):
+    if not _supported(yc, bd, spec, raw):
         return None
     kernel = jit(_fit_rows, _FASTMATH)
-    if kernel is None:
-        return None
-    dtype = yc.dtype.type
+    dtype = bd.centre.dtype.type
     yc = np.ascontiguousarray(yc)
+    # what the kernel subtracts from each pixel it reads
+    minus = bd.centre if raw else np.zeros_like(bd.centre)
     auto = spec.stderr == 'auto'
     terms = bd.terms[:, 0] if auto else bd.centre[:1]
     floor = spec.gain * (0.1 + spec.read_noise**2)
@@ -92,6 +96,7 @@ def fit_block_fused(
     out = np.empty((yc.shape[0], bd.n_out))
     kernel(
         yc,
+        np.ascontiguousarray(minus),
         np.ascontiguousarray(bd.design_t[0]),
         np.ascontiguousarray(bd.basis_t[:, 0]),
         np.ascontiguousarray(bd.basis_t[:, 1]),
@@ -111,21 +116,37 @@ def fit_block_fused(
     return out
 
 
-def _supported(yc, bd: BlockDesign, spec: NoiseSpec) -> bool:
-    """Whether the compiled kernel covers this block exactly."""
+def covers(dtype, bd: BlockDesign, spec: NoiseSpec, raw: bool) -> bool:
+    """Whether the kernel fits slices of ``dtype`` with this design exactly.
+
+    ``raw``: the slices as stored (any dtype of ``DTYPES``), else centred
+    in the working dtype.  False also without numba.
+    """
+    dtype = np.dtype(dtype)
     if bd.k != 1 or spec.noise not in _NOISE_CODES:
         return False
-    if not isinstance(yc, np.ndarray) or yc.ndim != 2:
+    work = bd.centre.dtype
+    if work not in (np.dtype(np.float32), np.dtype(np.float64)):
         return False
-    dtype = yc.dtype
-    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if raw and (dtype not in DTYPES or not dtype.isnative):
+        return False
+    if not raw and dtype != work:
         return False
     arrays = [bd.design_t, bd.basis_t, bd.centre]
     if spec.stderr == 'auto':
         if bd.terms is None:
             return False  # fit_block raises its own error
         arrays.append(bd.terms)
-    if any(a.dtype != dtype for a in arrays):
+    if any(a.dtype != work for a in arrays):
+        return False
+    return jit(_fit_rows, _FASTMATH) is not None
+
+
+def _supported(yc, bd: BlockDesign, spec: NoiseSpec, raw: bool) -> bool:
+    """Whether the compiled kernel covers this block exactly."""
+    if not isinstance(yc, np.ndarray) or yc.ndim != 2:
+        return False
+    if not covers(yc.dtype, bd, spec, raw):
         return False
     return yc.shape[1] == bd.centre.size == bd.design_t.shape[1]
 
@@ -176,6 +197,7 @@ def _runs(bd: BlockDesign) -> NDArray[np.int64]:
 
 def _fit_rows(
     yc,
+    minus,
     d,
     u1,
     u2,
@@ -192,7 +214,11 @@ def _fit_rows(
     n,
     out,
 ):  # pragma: no cover - compiled
-    """Fit the rows of ``yc`` (k = 1); write ``fit_block``'s rows to out."""
+    """Fit the rows of ``yc − minus`` (k = 1); write ``fit_block``'s rows.
+
+    Each row is cast to T, centred and kept in ``ybuf`` (in the L2 cache)
+    by the first pass; the IRLS passes read it there.
+    """
     offset = consts[0]
     floor = consts[1]
     one = consts[2]
@@ -200,19 +226,23 @@ def _fit_rows(
     reject = consts[4]
     zero = consts[5]
     k = 1
-    cast = np.empty(2, yc.dtype)  # float64 → T, rounded as numpy does
+    T = centre.dtype.type
+    cast = np.empty(2, centre.dtype)  # float64 → T, rounded as numpy does
+    ybuf = np.zeros(yc.shape[1], centre.dtype)
     n_sample = sample.size
     middle = n_sample // 2
-    ysample = np.empty(n_sample, yc.dtype)
-    dsample = np.empty(n_sample, yc.dtype)
+    ysample = np.empty(n_sample, centre.dtype)
+    dsample = np.empty(n_sample, centre.dtype)
     absr = np.empty(n_sample, np.float64)
     keys = absr.view(np.int64)
     candidates = np.empty(n_sample, np.int64)
     histogram = np.empty(2048, np.int32)
     picked = np.empty(1, np.int64)
     for i in range(yc.shape[0]):
-        y = yc[i]
-        # 1. u1ᵀy, u2ᵀy, Σy, Σy²: the OLS start and the output's sums
+        row = yc[i]
+        y = ybuf
+        # 1. y = T(row) − minus into ybuf; u1ᵀy, u2ᵀy, Σy, Σy²: the OLS
+        # start and the output's sums
         h0 = 0.0
         h1 = 0.0
         h2 = 0.0
@@ -220,12 +250,14 @@ def _fit_rows(
         for j in range(runs.shape[0]):
             a, b = runs[j, 0], runs[j, 1]
             ys, v1, v2 = y[a:b], u1[a:b], u2[a:b]
+            rs, sh = row[a:b], minus[a:b]
             s0 = zero
             s1 = zero
             s2 = zero
             s3 = zero
             for p in range(b - a):
-                yp = ys[p]
+                yp = T(rs[p]) - sh[p]
+                ys[p] = yp
                 s0 += yp * v1[p]
                 s1 += yp * v2[p]
                 s2 += yp

@@ -174,6 +174,15 @@ class Kernel:
                     np.subtract(buf, centre, out=buf, where=where)
                 yield r0 + s0, buf.reshape(len(sub), -1)
 
+    def raw_pieces(self, block: Block):
+        """Yield ``(row0, y)``: the block's slices as stored, C-ordered 2-D.
+
+        In-memory stacks give views (a strided one is copied per piece).
+        """
+        for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
+            y = as_numpy(piece).reshape(r1 - r0, -1)
+            yield r0, np.ascontiguousarray(y)
+
     def centred(self, block: Block) -> np.ndarray:
         """Read one block and centre it on M: ``(rows, n_band_pixels)``."""
         rows = block.stop - block.start
@@ -192,10 +201,9 @@ class Kernel:
                 v[px] if isinstance(v, np.ndarray) else v
                 for v in self._vectors
             ]
-            for r0, r1, piece in read_runs(self.stack, self.lead_shape, block):
-                y = as_numpy(piece).reshape(r1 - r0, -1)
-                rows = slice(block.start + r0, block.start + r1)
-                _fused.block_sums(np.ascontiguousarray(y), *vectors, out[rows])
+            for r0, y in self.raw_pieces(block):
+                rows = slice(block.start + r0, block.start + r0 + len(y))
+                _fused.block_sums(y, *vectors, out[rows])
             return
         basis_t = self._basis_t[px]
         if self.rows is not None:

@@ -63,6 +63,7 @@ from ._estimators import (
     fit_block,
     split_output,
 )
+from ._fused_irls import covers, fit_block_fused
 from ._kernel import (
     N_SUMS,
     Kernel,
@@ -345,7 +346,15 @@ def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
     else:
         out = np.empty((n_slices, bd.n_out))
 
+        # the compiled fit casts and centres the stored slices as it reads
+        raw = kernel.fused and covers(stack.dtype, bd, spec, raw=True)
+
         def work(block: Block) -> None:
+            if raw:
+                for r0, y in kernel.raw_pieces(block):
+                    rows = slice(block.start + r0, block.start + r0 + len(y))
+                    out[rows] = fit_block_fused(y, bd, spec, raw=True)
+                return
             for r0, yc in kernel.centred_pieces(block):
                 rows = slice(block.start + r0, block.start + r0 + len(yc))
                 out[rows] = fit_block(yc, bd, spec)
