@@ -72,21 +72,24 @@ def available(dtype: np.dtype) -> bool:
 
 
 def warm_up(dtypes=(np.uint16, np.float32)) -> None:
-    """Import numba and compile (or load from its cache) common cases.
+    """Import numba and compile (or load from its cache) the default fits.
 
-    Costs a few seconds the first time in a process; the widget calls it
-    in a background thread so the first fit does not pay for it.
+    Runs tiny fits of each dtype, with robust and textbook errors, so that
+    every kernel they use (the sums here, the per-slice fit that estimates
+    the noise's correlation) is ready.  Costs a few seconds the first time
+    in a process; the widget calls it in a background thread so the first
+    fit does not pay for it.
     """
     if _kernel() is None:
         return
+    from .core import fit_stack  # core imports this module
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((2, 16, 16)) + 1.0
     for dtype in dtypes:
-        work = np.float32 if np.dtype(dtype).itemsize <= 2 else np.float64
-        if np.dtype(dtype) == np.float32:
-            work = np.float32
-        vec = np.zeros(1, work)
-        y, mask = np.zeros((1, 1), dtype), np.ones(1, np.bool_)
-        for t in (vec, None):  # robust and textbook errors
-            block_sums(y, vec, vec[0], vec, t, mask, np.zeros((1, 8)))
+        stack = (rng.random((4, 16, 16)) * 100).astype(dtype)
+        for stderr in ('auto', 'ols'):
+            fit_stack(stack, a, b, stderr=stderr)
 
 
 def block_sums(y, centre, mean, u1, t, mask, out) -> None:
