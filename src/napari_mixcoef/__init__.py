@@ -1,7 +1,8 @@
 """Per-slice mixing coefficients of an image stack against two references.
 
-``import napari_mixcoef`` is pure numpy/scipy: the napari widgets live in
-private modules that the plugin manifest (``napari.yaml``) names directly.
+``import napari_mixcoef`` imports numpy and scipy only (numba comes with
+the first fit): the napari widgets live in private modules that the
+plugin manifest (``napari.yaml``) names directly.
 """
 
 try:

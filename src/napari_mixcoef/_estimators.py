@@ -4,7 +4,9 @@ Ordinary least squares with honest (sandwich) errors, Poisson maximum
 likelihood and Huber's robust fit, the last two by iteratively reweighted
 least squares (IRLS).  Every step is vectorized over the block's slices:
 the per-slice weighted Gram matrices of all slices come from one matrix
-product of the weights with the design's pairwise products.  Pure numpy.
+product of the weights with the design's pairwise products.  Pure numpy;
+:func:`fit_block` hands the cases it covers to the compiled per-slice
+kernel of :mod:`napari_mixcoef._fused_irls`.
 
 Notation: ``yc`` is the block centred on the mean reference ``M`` (zero
 outside the mask), ``D`` the model's design (``n × k``), ``δ`` the

@@ -1,6 +1,7 @@
 """Fit every slice of a stack as a mix of two reference images.
 
-Pure numpy/scipy: importing this module imports neither napari nor Qt.
+numpy/scipy, with numba kernels (imported on the first fit; a numpy path
+without it): importing this module imports neither napari nor Qt.
 
 How the fit works
 -----------------
