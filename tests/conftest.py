@@ -2,6 +2,19 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(scope='session', autouse=True)
+def compiled_kernels():
+    """Compile numba's kernels once, before any test runs.
+
+    On a fresh checkout that takes ~20 s; without this, the first tests
+    that fit (or the widget's background warm-up racing a GUI test) would
+    pay it inside their own time limits.  Later runs load the cache.
+    """
+    from napari_mixcoef import _fused
+
+    _fused.warm_up((np.uint16, np.float32, np.float64))
+
+
 def make_refs(shape=(24, 20), seed=0):
     """Two positive, clearly different reference images (float64)."""
     rng = np.random.default_rng(seed)

@@ -358,3 +358,21 @@ def test_noise_free_slices_split_in_bands(stderr):
     assert np.all(fit.rmse < 1e-3) and np.all(fit.x_stderr < 1e-6)
     # the residual is rounding noise: same size split or not
     assert_allclose(fit.rmse, whole.rmse, rtol=0.2)
+
+
+def test_fits_in_several_threads_leave_blas_threads_as_found():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import threadpoolctl
+
+    def blas_threads():
+        info = threadpoolctl.threadpool_info()
+        return [i['num_threads'] for i in info if i['user_api'] == 'blas']
+
+    stack, a, b, x = make_stack(lead=(30,), noise=2.0)
+    fit_stack(stack, a, b)  # every BLAS library loaded
+    before = blas_threads()
+    with ThreadPoolExecutor(3) as pool:
+        fits = list(pool.map(lambda _: fit_stack(stack, a, b), range(9)))
+    assert blas_threads() == before
+    assert all(np.array_equal(f.x, fits[0].x) for f in fits)

@@ -56,6 +56,14 @@ def camera_stack(rng, a, b, n):
     return OFFSET + GAIN * counts
 
 
+def camera_block(seed, ref_seed, n, mask=None, dtype=np.float32, rho=RHO):
+    """:func:`block` of ``n`` camera slices of references ``ref_seed``."""
+    rng = np.random.default_rng(seed)
+    a, b = make_refs(SHAPE, seed=ref_seed)
+    stack = camera_stack(rng, a, b, n)
+    return block(stack, GAIN * a + OFFSET, GAIN * b + OFFSET, mask, dtype, rho)
+
+
 def block(stack, a, b, mask, dtype, rho):
     """``(yc, bd, design)`` the way ``core._fit_slices`` makes them."""
     design = prepare(a, b, mask, 'mix', np.dtype(dtype))
@@ -116,11 +124,7 @@ def test_matches_fit_block(noise, stderr, masked, dtype):
 @pytest.mark.parametrize('iterations', [1, 2, 5])
 @pytest.mark.parametrize('noise', ['poisson', 'huber'])
 def test_any_number_of_iterations(noise, iterations):
-    rng = np.random.default_rng(8)
-    a, b = make_refs(SHAPE, seed=4)
-    stack = camera_stack(rng, a, b, 6)
-    yc, bd, design = block(stack, GAIN * a + OFFSET, GAIN * b + OFFSET,
-                           None, np.float32, RHO)  # fmt: skip
+    yc, bd, design = camera_block(8, 4, 6)
     spec = NoiseSpec(noise, 'auto', GAIN, OFFSET, READ_NOISE, iterations)
     fused = fit_block_fused(yc, bd, spec)
     assert_same_rows(fused, fit_block_numpy(yc, bd, spec), design, np.float32)
@@ -228,11 +232,7 @@ def test_bad_values_stay_in_their_slice(noise):
 
 @needs_numba
 def test_layout_and_block_split_do_not_matter():
-    rng = np.random.default_rng(2)
-    a, b = make_refs(SHAPE, seed=2)
-    stack = camera_stack(rng, a, b, 8)
-    yc, bd, _ = block(stack, GAIN * a + OFFSET, GAIN * b + OFFSET,
-                      circle(SHAPE), np.float32, RHO)  # fmt: skip
+    yc, bd, _ = camera_block(2, 2, 8, circle(SHAPE))
     spec = NoiseSpec('huber', 'auto')
     whole = fit_block_fused(yc, bd, spec)
     rows = np.concatenate([fit_block_fused(yc[i : i + 1], bd, spec)
@@ -248,11 +248,7 @@ def test_layout_and_block_split_do_not_matter():
 def test_two_threads_at_once():
     from concurrent.futures import ThreadPoolExecutor
 
-    rng = np.random.default_rng(4)
-    a, b = make_refs(SHAPE, seed=4)
-    stack = camera_stack(rng, a, b, 16)
-    yc, bd, _ = block(stack, GAIN * a + OFFSET, GAIN * b + OFFSET,
-                      None, np.float32, RHO)  # fmt: skip
+    yc, bd, _ = camera_block(4, 4, 16)
     spec = NoiseSpec('huber', 'auto')
     alone = fit_block_fused(yc, bd, spec)
     with ThreadPoolExecutor(2) as pool:

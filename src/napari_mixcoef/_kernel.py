@@ -10,6 +10,7 @@ numpy calls that release the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -301,6 +302,11 @@ def pool_and_blas():
     return _POOL, _BLAS
 
 
+_LIMIT_USERS = 0
+_LIMIT = None
+
+
+@contextlib.contextmanager
 def one_blas_thread():
     """Context: BLAS on one thread while a fit runs.
 
@@ -309,10 +315,24 @@ def one_blas_thread():
     small one while preparing the references) OpenBLAS's idle threads spin
     for about 0.1 s, taking the cores from the chunk threads (measured: a
     fit 1.5× slower).  With the controller made once, entering and leaving
-    costs tens of µs.
+    costs tens of µs.  Fits running at once (in several threads) share one
+    limit, lifted when the last one ends: each restoring what it found
+    would leave BLAS on one thread for good.
     """
+    global _LIMIT_USERS, _LIMIT
     _, controller = pool_and_blas()
-    return controller.limit(limits=1, user_api='blas')
+    with _POOL_LOCK:
+        if _LIMIT_USERS == 0:
+            _LIMIT = controller.limit(limits=1, user_api='blas')
+        _LIMIT_USERS += 1
+    try:
+        yield
+    finally:
+        with _POOL_LOCK:
+            _LIMIT_USERS -= 1
+            if _LIMIT_USERS == 0:
+                _LIMIT.restore_original_limits()
+                _LIMIT = None
 
 
 def thread_run(
