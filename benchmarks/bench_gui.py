@@ -64,6 +64,30 @@ def measure(viewer, widget, app, label):
     return running.max()
 
 
+def measure_warm_up(widget, app):
+    """The widget's background warm-up (numba) against the event loop."""
+    from qtpy.QtCore import QTimer
+
+    thread = getattr(widget, '_warm_up_thread', None)
+    if thread is None:
+        return
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    t0 = time.perf_counter()
+    _wait(app, lambda: not thread.is_alive())
+    timer.stop()
+    gaps = np.diff(ticks) * 1e3 if len(ticks) > 1 else np.zeros(1)
+    print(
+        f'opening the widget: background warm-up (numba, matplotlib) '
+        f'{time.perf_counter() - t0:.2f} s more; longest GUI block '
+        f'meanwhile {gaps.max():.1f} ms (99th pct '
+        f'{np.percentile(gaps, 99):.1f} ms)'
+    )
+
+
 def main():
     import dask.array as da
     import napari
@@ -84,6 +108,7 @@ def main():
     )
     app.processEvents()
     print(f'stack {stack.shape} {stack.dtype}')
+    measure_warm_up(widget, app)
     measure(viewer, widget, app, 'numpy layer')
     viewer.add_image(
         da.from_array(stack, chunks=(100, 128, 128)),

@@ -202,3 +202,40 @@ def test_robust_fits_read_the_stored_slices(monkeypatch, noise, dtype):
         m.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
         plain = fit_stack(stack, a, b, **kwargs)
     assert_same(fused, plain, F32)
+
+
+@pytest.mark.parametrize('dtype', [np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize('stderr', ['auto', 'ols'])
+def test_noise_free_slices_take_the_guard_alike(monkeypatch, dtype, stderr):
+    # R² ≈ 1: the one-pass SSR cancels and both paths recompute it from
+    # explicit residuals (compiled: on the pool; numpy: in numpy), here in
+    # bands and with a mask
+    stack, a, b, _ = make_stack(lead=(8,), shape=(40, 24), noise=0.0)
+    stack = stack.astype(dtype)
+    mask = np.ones(a.shape, bool)
+    mask[3:9, 2:5] = False
+    kwargs = dict(stderr=stderr, mask=mask, chunk_bytes=1500)
+    fused = fit_stack(stack, a, b, **kwargs)
+    with monkeypatch.context() as m:
+        m.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+        plain = fit_stack(stack, a, b, **kwargs)
+    assert_allclose(
+        fused.x, plain.x, rtol=1e-9 if dtype == np.float64 else 1e-6
+    )
+    # residuals of rounding only: their sums agree to a few per cent
+    assert_allclose(fused.rmse, plain.rmse, rtol=0.05, atol=1e-9)
+    assert np.all(fused.r2 > 0.999)
+
+
+def test_numpy_kernel_bands_with_a_mask(monkeypatch):
+    # bands of one shape differ in which pixels they fit: the numpy
+    # kernel's per-thread buffers must not carry one band's pixels into
+    # another (they did, before buffers were kept per band)
+    monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+    stack, a, b, _ = make_stack(lead=(10,), shape=(40, 24), noise=3.0)
+    stack = stack.astype(np.float32)
+    mask = np.ones(a.shape, bool)
+    mask[3:9, 2:5] = False
+    whole = fit_stack(stack, a, b, mask=mask, stderr='ols')
+    bands = fit_stack(stack, a, b, mask=mask, stderr='ols', chunk_bytes=1500)
+    assert_same(bands, whole, F32)

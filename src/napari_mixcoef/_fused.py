@@ -85,11 +85,13 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
     from .core import fit_stack  # core imports this module
 
     rng = np.random.default_rng(0)
-    a, b = rng.random((2, 16, 16)) + 1.0
+    a, b = rng.random((2, 16, 16)) * 100 + 100
     for dtype in dtypes:
-        stack = (rng.random((4, 16, 16)) * 100).astype(dtype)
-        for stderr in ('auto', 'ols'):
-            fit_stack(stack, a, b, stderr=stderr)
+        noisy = (rng.random((4, 16, 16)) * 100).astype(dtype)
+        exact = (0.7 * a + 0.3 * b)[None].repeat(4, 0).astype(dtype)
+        for stack in (noisy, exact):  # exact: R² ≈ 1 takes the guard
+            for stderr in ('auto', 'ols'):
+                fit_stack(stack, a, b, stderr=stderr)
 
 
 def block_sums(y, centre, mean, u1, t, mask, out) -> None:
@@ -122,6 +124,19 @@ def block_sums(y, centre, mean, u1, t, mask, out) -> None:
     afterwards would cancel digits that the offset model needs).
     """
     _kernel()(y, centre, mean, u1, t, mask, out)
+
+
+def exact_sums(y, centre, mean, u1, coef, t, mask, out) -> None:
+    """Add ``Σr²`` (and ``Σr²t``) of explicit residuals into ``out``.
+
+    The guard of :func:`napari_mixcoef.core._fit_sums` for slices whose
+    one-pass SSR cancels (R² ≈ 1).  ``y``, ``centre``, ``mean``, ``u1``,
+    ``t`` and ``mask`` as in :func:`block_sums`; ``coef`` (rows, 3)
+    float64 holds each slice's ``δ`` on the basis ``u1, u2, 1``; ``out``
+    (rows, 2) float64.  The residual is formed in the working dtype as
+    numpy's guard forms it, then squared and summed in float64.
+    """
+    jit(_exact)(y, centre, mean, u1, coef, t, mask, out)
 
 
 def jit(func, flags=FLAGS):
@@ -204,3 +219,42 @@ def _sums(y, centre, mean, u1, t, mask, out):  # pragma: no cover - compiled
         out[i, 4] += a3
         out[i, 5] += a5
         out[i, 6] += a6
+
+
+def _exact(y, centre, mean, u1, coef, t, mask, out):  # pragma: no cover
+    """Compiled by :func:`jit`; see :func:`exact_sums`."""
+    rows, n_px = y.shape
+    zero = centre.dtype.type(0)
+    for i in range(rows):
+        c0 = centre.dtype.type(coef[i, 0])
+        c1 = centre.dtype.type(coef[i, 1])
+        c2 = centre.dtype.type(coef[i, 2])
+        a0 = a1 = 0.0
+        for p0 in range(0, n_px, _RUN):
+            p1 = min(p0 + _RUN, n_px)
+            ys, cs, us, ms = y[i, p0:p1], centre[p0:p1], u1[p0:p1], mask[p0:p1]
+            s0 = s1 = 0.0
+            if t is None:
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    r = (centre.dtype.type(ys[p]) - c) - (
+                        c0 * us[p] + c1 * (c - mean) + c2
+                    )
+                    r = r if ms[p] else zero
+                    rr = np.float64(r) * np.float64(r)
+                    s0 += rr
+            else:
+                ts = t[p0:p1]
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    r = (centre.dtype.type(ys[p]) - c) - (
+                        c0 * us[p] + c1 * (c - mean) + c2
+                    )
+                    r = r if ms[p] else zero
+                    rr = np.float64(r) * np.float64(r)
+                    s0 += rr
+                    s1 += rr * ts[p]
+            a0 += s0
+            a1 += s1
+        out[i, 0] += a0
+        out[i, 1] += a1

@@ -115,16 +115,23 @@ class Kernel:
         else:
             self._hac_lin = ut[:, None]
 
-    def _buffer(self, rows: int, shape: tuple[int, ...]) -> np.ndarray:
+    def _buffer(
+        self, rows: int, shape: tuple[int, ...], band: slice
+    ) -> np.ndarray:
         # With a mask only the fitted pixels are ever written, so the rest
-        # must start (and stay) zero: one buffer per thread and block shape.
+        # must start (and stay) zero: one buffer per thread and block shape
+        # and, with a mask, per band (bands of one shape differ in which
+        # pixels are fitted; sharing a buffer left stale values in pixels
+        # masked in one band but not in the other).
         buffers = getattr(self._local, 'buffers', None)
         if buffers is None:
             buffers = self._local.buffers = {}
         key = (rows, *shape)
+        if self.design.mask is not None and self.ref_shape:
+            key += tuple(band.indices(self.ref_shape[0])[:2])
         buf = buffers.get(key)
         if buf is None:
-            buf = buffers[key] = np.zeros(key, self.design.dtype)
+            buf = buffers[key] = np.zeros((rows, *shape), self.design.dtype)
         return buf
 
     def _square(self, y: np.ndarray) -> np.ndarray:
@@ -165,7 +172,7 @@ class Kernel:
             piece = as_numpy(piece)
             for s0 in range(0, r1 - r0, self.sub_rows):
                 sub = piece[s0 : s0 + self.sub_rows]
-                buf = self._buffer(len(sub), shape)
+                buf = self._buffer(len(sub), shape, block.band)
                 if sub.dtype == buf.dtype:
                     np.subtract(sub, centre, out=buf, where=where)
                 else:
@@ -250,19 +257,34 @@ class Kernel:
                 sums[:, 6] -= centre @ ut
         return sums
 
-    def exact_sums(self, block: Block, delta_basis: np.ndarray):
-        """``Σr²`` and ``Σr²·t`` per row, from the explicit residuals."""
-        yc = self.centred(block)
+    def exact_sums(
+        self, block: Block, delta_basis: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Add ``Σr²`` and ``Σr²·t`` of the explicit residuals into ``out``.
+
+        ``delta_basis`` (rows, 3): each slice's ``δ`` on the basis; ``out``
+        (rows, 2) float64 (``Σr²·t`` only after :meth:`hac`).
+        """
         px = self.pixel_range(block)
+        if self.fused:
+            centre, mean, u1, t, mask = (
+                v[px] if isinstance(v, np.ndarray) else v
+                for v in self._vectors
+            )
+            for r0, y in self.raw_pieces(block):
+                rows = slice(r0, r0 + len(y))
+                _fused.exact_sums(
+                    y, centre, mean, u1, delta_basis[rows], t, mask, out[rows]
+                )
+            return
+        yc = self.centred(block)
         basis = self.design.basis[:, px]
         # Pixels outside the mask are zero in both yc and the basis.
         resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
         squares = np.square(resid)
-        ssr = squares.sum(axis=1)
-        hac = None
+        out[:, 0] += squares.sum(axis=1)
         if self._hac_sq is not None:
-            hac = squares @ self.hac_terms[0][px].astype(np.float64)
-        return ssr, hac
+            out[:, 1] += squares @ self.hac_terms[0][px].astype(np.float64)
 
 
 def as_rows(stack, n_slices: int) -> np.ndarray | None:

@@ -186,7 +186,8 @@ class MixcoefWidget(Container):
         # matplotlib's first import takes most of a second of mostly Python
         # work, numba's import and machine code a few seconds: do both now,
         # in the background, not when the first fit runs or ends
-        threading.Thread(target=_warm_up, daemon=True).start()
+        self._warm_up_thread = threading.Thread(target=_warm_up, daemon=True)
+        self._warm_up_thread.start()
         # when the widget goes away (dock or viewer closed): stop a running
         # fit and let go of the viewer's layer events
         holder = {

@@ -70,6 +70,7 @@ from ._kernel import (
     Kernel,
     check_finite,
     one_blas_thread,
+    pool_and_blas,
     thread_run,
 )
 from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
@@ -305,20 +306,23 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
     # slices from their explicit residuals, a second pass over them only.
     suspect = ssr < _GUARD[design.dtype] * raw[:, 4]
     if suspect.any():
-        delta_basis = delta @ design.transform.T  # δ in the basis, (n, 3)
-        for group in groups:
-            start, stop = group[0].start, group[0].stop
-            rows = suspect[start:stop]
-            if not rows.any():
-                continue
-            # a group's bands together cover its slices: add them up
-            sums = [
-                kernel.exact_sums(block, delta_basis[start:stop])
-                for block in group
-            ]
-            ssr[start:stop][rows] = sum(e for e, _ in sums)[rows]
-            if omega is not None:
-                omega[start:stop][rows] = sum(h for _, h in sums)[rows]
+        delta_basis = np.ascontiguousarray(delta @ design.transform.T)
+        exact = np.zeros((len(ssr), 2))
+
+        def guard(group: list[Block]) -> None:
+            # a group's bands together cover its slices: add them up (one
+            # thread per group, so no two threads add into the same rows)
+            rows = slice(group[0].start, group[0].stop)
+            for block in group:
+                kernel.exact_sums(block, delta_basis[rows], exact[rows])
+
+        pool, _ = pool_and_blas()
+        todo = [g for g in groups if suspect[g[0].start : g[0].stop].any()]
+        for done in [pool.submit(guard, group) for group in todo]:
+            done.result()
+        ssr[suspect] = exact[suspect, 0]
+        if omega is not None:
+            omega[suspect] = exact[suspect, 1]
     ssr = np.maximum(ssr, 0.0)
     n, k = design.n_pixels, design.k
     if omega is None:
