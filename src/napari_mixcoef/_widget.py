@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING
 
@@ -169,6 +170,7 @@ class MixcoefWidget(Container):
         self._plot = None
         self._cancel_reason = ''
         self._outputs = weakref.WeakKeyDictionary()
+        self._progress_shown = 0.0  # time.monotonic() of the last step shown
         self.stack.choices = self._stack_choices
         self.reference_1.choices = self._reference_choices
         self.reference_2.choices = self._reference_choices
@@ -480,6 +482,13 @@ class MixcoefWidget(Container):
         if self._holder['closed']:  # the viewer closed mid-run
             return
         done, total = step
+        # QProgressBar repaints synchronously on every new value; with the
+        # window's OpenGL canvas and both cores busy fitting, one repaint
+        # took 50-200 ms here.  A few steps a second are plenty to watch.
+        now = time.monotonic()
+        if 0 < done < total and now - self._progress_shown < _PROGRESS_EVERY:
+            return
+        self._progress_shown = now
         self.progress.max = max(total, 1)
         self.progress.value = done
 
@@ -604,6 +613,10 @@ class MixcoefWidget(Container):
     def _show_status(self, text: str, *, error: bool = False) -> None:
         self.status.value = text
         self.status.native.setStyleSheet('color: #e06c75;' if error else '')
+
+
+#: Seconds between progress bar steps (see MixcoefWidget._on_progress).
+_PROGRESS_EVERY = 0.2
 
 
 def _warm_up() -> None:

@@ -22,8 +22,25 @@ def sample_viewer(make_napari_viewer):
 
 
 @pytest.fixture
-def big_viewer(make_napari_viewer):
-    """A viewer with a 3000-slice stack: long enough to act mid-run."""
+def big_viewer(make_napari_viewer, monkeypatch):
+    """A viewer with a 3000-slice stack whose fit pauses after one step.
+
+    The compiled kernels fit it in ~0.1 s: too fast to act mid-run without
+    the pause.
+    """
+    import time
+
+    from napari_mixcoef import core
+
+    steps = core._fit_steps
+
+    def paused(*args, **kwargs):
+        gen = steps(*args, **kwargs)
+        yield next(gen)
+        time.sleep(0.5)  # the test acts on the GUI thread meanwhile
+        return (yield from gen)
+
+    monkeypatch.setattr(core, '_fit_steps', paused)
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
