@@ -520,6 +520,11 @@ class MixcoefWidget(Container):
             return
         from qtpy.QtCore import QTimer
 
+        if isinstance(result, Exception):
+            # superqt hands a RuntimeError raised in the worker to
+            # `returned` as its value instead of `errored`
+            self._on_errored(result)
+            return
         fit, res = result
         stack_layer = self._inputs[0]
         if stack_layer not in self._viewer.layers:

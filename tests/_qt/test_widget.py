@@ -34,10 +34,11 @@ def big_viewer(make_napari_viewer, monkeypatch):
 
     steps = core._fit_steps
 
-    def paused(*args, **kwargs):
-        gen = steps(*args, **kwargs)
+    def paused(stack, *args, **kwargs):
+        gen = steps(stack, *args, **kwargs)
         yield next(gen)
-        time.sleep(0.5)  # the test acts on the GUI thread meanwhile
+        if len(stack) == 3000:  # not the widget's own warm-up fits
+            time.sleep(0.5)  # the test acts on the GUI thread meanwhile
         return (yield from gen)
 
     monkeypatch.setattr(core, '_fit_steps', paused)
@@ -352,3 +353,15 @@ def test_disconnect_lets_go_of_layer_events(make_napari_viewer):
         viewer.layers['s'].events.name,
     ):
         assert not ours(emitter)
+
+
+def test_a_runtime_error_returned_by_the_worker_is_reported(
+    sample_viewer, qtbot
+):
+    # superqt passes a RuntimeError raised in a generator worker to
+    # `returned` (not `errored`): it must end the run, not hang it
+    viewer, w = sample_viewer
+    with qtbot.waitSignal(w.fit_finished, timeout=10_000) as blocker:
+        w._on_returned(RuntimeError('pool shut down'))
+    assert blocker.args[0] is None
+    assert 'pool shut down' in w.status.value
