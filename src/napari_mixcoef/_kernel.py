@@ -83,6 +83,12 @@ class Kernel:
             np.ascontiguousarray(mask),
         ]
 
+    def _band_vectors(self, px: slice) -> list:
+        """Return the compiled kernels' vectors over one band's pixels."""
+        return [
+            v[px] if isinstance(v, np.ndarray) else v for v in self._vectors
+        ]
+
     def _set_basis(self) -> None:
         d = self.design
         if self.rows is not None:
@@ -205,10 +211,7 @@ class Kernel:
         """Add the block's sums to ``out[block.start:block.stop]``."""
         px = self.pixel_range(block)
         if self.fused:
-            vectors = [
-                v[px] if isinstance(v, np.ndarray) else v
-                for v in self._vectors
-            ]
+            vectors = self._band_vectors(px)
             for r0, y in self.raw_pieces(block):
                 rows = slice(block.start + r0, block.start + r0 + len(y))
                 _fused.block_sums(y, *vectors, out[rows])
@@ -267,10 +270,7 @@ class Kernel:
         """
         px = self.pixel_range(block)
         if self.fused:
-            centre, mean, u1, t, mask = (
-                v[px] if isinstance(v, np.ndarray) else v
-                for v in self._vectors
-            )
+            centre, mean, u1, t, mask = self._band_vectors(px)
             for r0, y in self.raw_pieces(block):
                 rows = slice(r0, r0 + len(y))
                 _fused.exact_sums(

@@ -70,7 +70,6 @@ from ._kernel import (
     Kernel,
     check_finite,
     one_blas_thread,
-    pool_and_blas,
     thread_run,
 )
 from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
@@ -234,8 +233,9 @@ def _fit_steps(
         )
         block_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
         kernel = Kernel(stack, design, lead_shape, ref_shape, block_bytes)
+        sums = _sums_suffice(spec, design)
         in_place = kernel.fused and isinstance(stack, np.ndarray)
-        if chunk_bytes is None and in_place and _sums_suffice(spec, design):
+        if chunk_bytes is None and in_place and sums:
             # nothing is copied: bigger blocks only mean fewer calls
             block_bytes = _IN_MEMORY_BLOCK_BYTES
         groups = plan_blocks(
@@ -244,9 +244,9 @@ def _fit_steps(
             design.dtype.itemsize,
             block_bytes,
             align=storage_chunk_length(stack),
-            bands=_sums_suffice(spec, design),
+            bands=sums,
         )
-        if _sums_suffice(spec, design):
+        if sums:
             fit = yield from _fit_sums(stack, design, spec, kernel, groups)
         else:
             fit = yield from _fit_slices(stack, design, spec, kernel, groups)
@@ -309,17 +309,15 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
         delta_basis = np.ascontiguousarray(delta @ design.transform.T)
         exact = np.zeros((len(ssr), 2))
 
-        def guard(group: list[Block]) -> None:
-            # a group's bands together cover its slices: add them up (one
-            # thread per group, so no two threads add into the same rows)
-            rows = slice(group[0].start, group[0].stop)
-            for block in group:
-                kernel.exact_sums(block, delta_basis[rows], exact[rows])
+        def guard(block: Block) -> None:
+            # a group's bands add into the same rows: thread_run runs a
+            # whole group in one thread
+            rows = slice(block.start, block.stop)
+            kernel.exact_sums(block, delta_basis[rows], exact[rows])
 
-        pool, _ = pool_and_blas()
         todo = [g for g in groups if suspect[g[0].start : g[0].stop].any()]
-        for done in [pool.submit(guard, group) for group in todo]:
-            done.result()
+        for _ in thread_run(todo, guard, lambda *_: None, len(ssr)):
+            pass
         ssr[suspect] = exact[suspect, 0]
         if omega is not None:
             omega[suspect] = exact[suspect, 1]
