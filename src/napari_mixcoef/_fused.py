@@ -41,9 +41,10 @@ DTYPES = frozenset(
 )
 
 #: Pixels summed in the working dtype before the running float64 sums
-#: take them: float32 keeps ~7 digits over a thousand terms, and the
-#: compiler gets a loop it can vectorize.
-_RUN = 1024
+#: take them: the compiler gets a loop it can vectorize, and float32 keeps
+#: ~7 digits over a few hundred terms (with 1024 the uint16 test's x
+#: drifted to 1.4e-5 of its standard error from a float64 fit; as fast).
+_RUN = 512
 
 #: numba's fast-math flags without ``nnan``/``ninf``: NaN and inf keep
 #: their meaning, so bad slices are still caught.  ``reassoc`` lets LLVM
@@ -94,7 +95,35 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
                 fit_stack(stack, a, b, stderr=stderr)
 
 
-def block_sums(y, centre, mean, u1, t, mask, out) -> None:
+def segments(mask: np.ndarray, run: int = _RUN) -> np.ndarray:
+    """Return the runs of fitted pixels, cut at every multiple of ``run``.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (n_px,)
+        Fitted pixels.
+    run : int
+        Longest run.
+
+    Returns
+    -------
+    ndarray of int64, shape (n_runs, 2)
+        ``start, stop`` of each run of consecutive fitted pixels, none
+        crossing a multiple of ``run``.  The kernels loop over these instead
+        of testing every pixel: a per-pixel select cost a third of the
+        kernel's arithmetic, and masked pixels (which may hold NaN or inf)
+        are never read.
+    """
+    mask = np.asarray(mask, bool).reshape(-1)
+    edges = np.flatnonzero(np.diff(mask.astype(np.int8), prepend=0, append=0))
+    cuts = np.arange(run, len(mask), run)
+    bounds = np.union1d(edges, cuts)
+    lo, hi = bounds[:-1], bounds[1:]
+    inside = mask[lo]  # a piece between bounds is all in or all out
+    return np.stack([lo[inside], hi[inside]], axis=1).astype(np.int64)
+
+
+def block_sums(y, centre, mean, u1, t, segs, out) -> None:
     """Add one block's sums over ``y_c = y − M`` into ``out`` (in place).
 
     Parameters
@@ -108,8 +137,9 @@ def block_sums(y, centre, mean, u1, t, mask, out) -> None:
         The mean of ``M`` over the fitted pixels: ``u2 = M − mean``.
     t : ndarray, shape (n_px,), or None
         The HAC sandwich terms (working dtype); None: textbook errors only.
-    mask : ndarray of bool, shape (n_px,)
-        Fitted pixels; the others never reach a sum.
+    segs : ndarray of int64, shape (n_runs, 2)
+        The fitted pixels as runs, from :func:`segments`; the others are
+        never read.
     out : ndarray of float64, shape (rows, 8)
         Columns 0, 1, 2, 4 get ``u1ᵀy_c``, ``u2ᵀy_c``, ``Σy_c`` and
         ``Σy_c²`` added, and with ``t`` columns 5 and 6 ``Σy_c²t`` and
@@ -122,21 +152,26 @@ def block_sums(y, centre, mean, u1, t, mask, out) -> None:
     the 512 KiB L2 cache of a core here at 256 × 256 and the kernel took
     1.5× as long.  ``u2`` is formed on the fly (``Mᵀy_c − mean·Σy_c``
     afterwards would cancel digits that the offset model needs).
+
+    Four slices are summed side by side: they share each
+    load of the vectors, and four streams of data keep more reads in
+    flight than one.  A core read one slice at a time at half the speed
+    of OpenBLAS's GEMV, four at a time at its speed.
     """
-    _kernel()(y, centre, mean, u1, t, mask, out)
+    _kernel()(y, centre, mean, u1, t, segs, out)
 
 
-def exact_sums(y, centre, mean, u1, coef, t, mask, out) -> None:
+def exact_sums(y, centre, mean, u1, coef, t, segs, out) -> None:
     """Add ``Σr²`` (and ``Σr²t``) of explicit residuals into ``out``.
 
     The guard of :func:`napari_mixcoef.core._fit_sums` for slices whose
     one-pass SSR cancels (R² ≈ 1).  ``y``, ``centre``, ``mean``, ``u1``,
-    ``t`` and ``mask`` as in :func:`block_sums`; ``coef`` (rows, 3)
+    ``t`` and ``segs`` as in :func:`block_sums`; ``coef`` (rows, 3)
     float64 holds each slice's ``δ`` on the basis ``u1, u2, 1``; ``out``
     (rows, 2) float64.  The residual is formed in the working dtype as
     numpy's guard forms it, then squared and summed in float64.
     """
-    jit(_exact)(y, centre, mean, u1, coef, t, mask, out)
+    _compiled('exact')(y, centre, mean, u1, coef, t, segs, out)
 
 
 def jit(func, flags=FLAGS):
@@ -166,95 +201,15 @@ def jit(func, flags=FLAGS):
 
 
 def _kernel():
-    return jit(_sums)
+    return _compiled('sums')
 
 
-def _sums(y, centre, mean, u1, t, mask, out):  # pragma: no cover - compiled
-    """Compiled by :func:`jit`; see :func:`block_sums`.
-
-    ``t is None`` is decided when numba compiles (one machine code with
-    the HAC sums, one without).  Each sum runs in the working dtype over
-    :data:`_RUN` pixels (SIMD lanes), then into a float64 total.
-    """
-    rows, n_px = y.shape
-    zero = centre.dtype.type(0)
-    for i in range(rows):
-        a0 = a1 = a2 = a3 = a5 = a6 = 0.0
-        for p0 in range(0, n_px, _RUN):
-            p1 = min(p0 + _RUN, n_px)
-            # slices from 0: numba then drops its negative-index handling,
-            # a third of the loop's instructions
-            ys, cs, us, ms = y[i, p0:p1], centre[p0:p1], u1[p0:p1], mask[p0:p1]
-            s0 = s1 = s2 = s3 = s5 = s6 = zero
-            if t is None:
-                for p in range(p1 - p0):
-                    v = centre.dtype.type(ys[p]) - cs[p]
-                    v = v if ms[p] else zero
-                    s0 += us[p] * v
-                    s1 += (cs[p] - mean) * v
-                    s2 += v
-                    s3 += v * v
-            else:
-                ts = t[p0:p1]
-                for p in range(p1 - p0):
-                    v = centre.dtype.type(ys[p]) - cs[p]
-                    v = v if ms[p] else zero
-                    w = us[p] * v
-                    vv = v * v
-                    s0 += w
-                    s1 += (cs[p] - mean) * v
-                    s2 += v
-                    s3 += vv
-                    s5 += vv * ts[p]
-                    s6 += w * ts[p]
-            a0 += s0
-            a1 += s1
-            a2 += s2
-            a3 += s3
-            a5 += s5
-            a6 += s6
-        out[i, 0] += a0
-        out[i, 1] += a1
-        out[i, 2] += a2
-        out[i, 4] += a3
-        out[i, 5] += a5
-        out[i, 6] += a6
-
-
-def _exact(y, centre, mean, u1, coef, t, mask, out):  # pragma: no cover
-    """Compiled by :func:`jit`; see :func:`exact_sums`."""
-    rows, n_px = y.shape
-    zero = centre.dtype.type(0)
-    for i in range(rows):
-        c0 = centre.dtype.type(coef[i, 0])
-        c1 = centre.dtype.type(coef[i, 1])
-        c2 = centre.dtype.type(coef[i, 2])
-        a0 = a1 = 0.0
-        for p0 in range(0, n_px, _RUN):
-            p1 = min(p0 + _RUN, n_px)
-            ys, cs, us, ms = y[i, p0:p1], centre[p0:p1], u1[p0:p1], mask[p0:p1]
-            s0 = s1 = 0.0
-            if t is None:
-                for p in range(p1 - p0):
-                    c = cs[p]
-                    r = (centre.dtype.type(ys[p]) - c) - (
-                        c0 * us[p] + c1 * (c - mean) + c2
-                    )
-                    r = r if ms[p] else zero
-                    rr = np.float64(r) * np.float64(r)
-                    s0 += rr
-            else:
-                ts = t[p0:p1]
-                for p in range(p1 - p0):
-                    c = cs[p]
-                    r = (centre.dtype.type(ys[p]) - c) - (
-                        c0 * us[p] + c1 * (c - mean) + c2
-                    )
-                    r = r if ms[p] else zero
-                    rr = np.float64(r) * np.float64(r)
-                    s0 += rr
-                    s1 += rr * ts[p]
-            a0 += s0
-            a1 += s1
-        out[i, 0] += a0
-        out[i, 1] += a1
+def _compiled(name: str):
+    """Return kernel ``name`` of :mod:`._fused_sums` compiled, or None."""
+    if not enabled():
+        return None
+    try:
+        from . import _fused_sums  # imports numba
+    except ImportError:
+        return None
+    return jit(getattr(_fused_sums, name))

@@ -34,7 +34,7 @@ from ._estimators import (
     BlockDesign,
     NoiseSpec,
 )
-from ._fused import DTYPES, jit
+from ._fused import DTYPES, jit, segments
 
 _NOISE_CODES = {'gaussian': 0, 'poisson': 1, 'huber': 2}
 
@@ -154,7 +154,7 @@ def _supported(yc, bd: BlockDesign, spec: NoiseSpec, raw: bool) -> bool:
 def _runs(bd: BlockDesign) -> NDArray[np.int64]:
     """``(r, 2)`` starts and stops of runs of consecutive fitted pixels.
 
-    Runs are cut into pieces of at most :data:`CHUNK` pixels.  Kept for the
+    Runs are cut at multiples of :data:`CHUNK` pixels.  Kept for the
     last few masks (the array's identity is checked, so that a new mask at
     a reused address is not mistaken for an old one).
     """
@@ -163,23 +163,11 @@ def _runs(bd: BlockDesign) -> NDArray[np.int64]:
     cached = _RUNS.get(key)
     if cached is not None and cached[0] is inside:
         return cached[1]
-    if inside is None:
-        starts = np.array([0])
-        stops = np.array([bd.centre.size])
-    else:
-        index = np.asarray(inside, np.int64)
-        breaks = np.flatnonzero(np.diff(index) != 1) + 1
-        starts = index[np.r_[0, breaks]]
-        stops = index[np.r_[breaks - 1, index.size - 1]] + 1
-    # split into pieces of at most CHUNK pixels
-    pieces = -(-(stops - starts) // CHUNK)
-    first = np.repeat(starts, pieces)
-    offsets = np.arange(pieces.sum()) - np.repeat(
-        np.cumsum(pieces) - pieces, pieces
-    )
-    lo = first + offsets * CHUNK
-    hi = np.minimum(lo + CHUNK, np.repeat(stops, pieces))
-    runs = np.stack([lo, hi], axis=1).astype(np.int64)
+    fitted = np.ones(bd.centre.size, bool)
+    if inside is not None:
+        fitted[:] = False
+        fitted[inside] = True
+    runs = segments(fitted, CHUNK)
     if len(_RUNS) > 8:
         _RUNS.clear()
     _RUNS[key] = (bd.inside, runs)

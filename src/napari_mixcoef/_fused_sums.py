@@ -1,0 +1,124 @@
+"""Bodies of the one-pass sums kernels, compiled by :func:`._fused.jit`.
+
+Imported only when the compiled path is used (it imports numba, which
+takes seconds).  See :func:`napari_mixcoef._fused.block_sums` and
+:func:`napari_mixcoef._fused.exact_sums` for the arguments.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from ._fused import FLAGS
+
+
+def _inline(func):
+    # small steps of the kernels' loops, compiled into them
+    return numba.njit(inline='always', fastmath=set(FLAGS))(func)
+
+
+@_inline
+def _ols_add(s, v, u, c2):  # pragma: no cover - compiled
+    """Add one pixel's ``u1·y_c, u2·y_c, y_c, y_c²`` to the 4-tuple ``s``."""
+    return (s[0] + u * v, s[1] + c2 * v, s[2] + v, s[3] + v * v)
+
+
+@_inline
+def _hac_add(s, v, u, c2, t):  # pragma: no cover - compiled
+    """:func:`_ols_add` and ``y_c²·t, y_c·u1·t`` on the 6-tuple ``s``."""
+    w = u * v
+    q = v * v
+    return (
+        s[0] + w,
+        s[1] + c2 * v,
+        s[2] + v,
+        s[3] + q,
+        s[4] + q * t,
+        s[5] + w * t,
+    )
+
+
+def sums(y, centre, mean, u1, t, segs, out):  # pragma: no cover - compiled
+    """Add each slice's sums over ``y_c = y − M`` into ``out``.
+
+    Four slices at a time (rows ``i, j, k, m``): they share each load of
+    the vectors, and four streams of data keep more reads in flight.
+    ``t is None`` is decided when numba compiles (one machine code with
+    the HAC sums, one without).  Each sum runs in the working dtype over
+    one run of ``segs`` (SIMD lanes), then into a float64 total; a slice's
+    sums travel as a tuple, in registers.
+    """
+    rows = y.shape[0]
+    wt = centre.dtype.type
+    z = wt(0)
+    total = np.zeros((4, 6))
+    for i in range(0, rows, 4):
+        # a last short group repeats its last slice; those sums are dropped
+        last = rows - 1
+        j, k, m = min(i + 1, last), min(i + 2, last), min(i + 3, last)
+        total[:] = 0.0
+        for g in range(segs.shape[0]):
+            p0, p1 = segs[g, 0], segs[g, 1]
+            cs, us = centre[p0:p1], u1[p0:p1]
+            ya, yb = y[i, p0:p1], y[j, p0:p1]
+            yc, yd = y[k, p0:p1], y[m, p0:p1]
+            if t is None:
+                sa = sb = sc = sd = (z, z, z, z)
+                for p in range(p1 - p0):
+                    c, u = cs[p], us[p]
+                    c2 = c - mean
+                    sa = _ols_add(sa, wt(ya[p]) - c, u, c2)
+                    sb = _ols_add(sb, wt(yb[p]) - c, u, c2)
+                    sc = _ols_add(sc, wt(yc[p]) - c, u, c2)
+                    sd = _ols_add(sd, wt(yd[p]) - c, u, c2)
+                zz = (z, z)
+                sa, sb, sc, sd = sa + zz, sb + zz, sc + zz, sd + zz
+            else:
+                ts = t[p0:p1]
+                sa = sb = sc = sd = (z, z, z, z, z, z)
+                for p in range(p1 - p0):
+                    c, u, tp = cs[p], us[p], ts[p]
+                    c2 = c - mean
+                    sa = _hac_add(sa, wt(ya[p]) - c, u, c2, tp)
+                    sb = _hac_add(sb, wt(yb[p]) - c, u, c2, tp)
+                    sc = _hac_add(sc, wt(yc[p]) - c, u, c2, tp)
+                    sd = _hac_add(sd, wt(yd[p]) - c, u, c2, tp)
+            for q in range(6):
+                total[0, q] += sa[q]
+                total[1, q] += sb[q]
+                total[2, q] += sc[q]
+                total[3, q] += sd[q]
+        for r in range(min(4, rows - i)):
+            for q, col in enumerate((0, 1, 2, 4, 5, 6)):
+                out[i + r, col] += total[r, q]
+
+
+def exact(y, centre, mean, u1, coef, t, segs, out):  # pragma: no cover
+    """Add ``Σr²`` (and ``Σr²t``) of each slice's explicit residuals."""
+    rows = y.shape[0]
+    wt = centre.dtype.type
+    for i in range(rows):
+        c0, c1, c2 = wt(coef[i, 0]), wt(coef[i, 1]), wt(coef[i, 2])
+        a0 = a1 = 0.0
+        for g in range(segs.shape[0]):
+            p0, p1 = segs[g, 0], segs[g, 1]
+            ys, cs, us = y[i, p0:p1], centre[p0:p1], u1[p0:p1]
+            s0 = s1 = 0.0
+            if t is None:
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    r = (wt(ys[p]) - c) - (c0 * us[p] + c1 * (c - mean) + c2)
+                    s0 += np.float64(r) * np.float64(r)
+            else:
+                ts = t[p0:p1]
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    r = (wt(ys[p]) - c) - (c0 * us[p] + c1 * (c - mean) + c2)
+                    rr = np.float64(r) * np.float64(r)
+                    s0 += rr
+                    s1 += rr * ts[p]
+            a0 += s0
+            a1 += s1
+        out[i, 0] += a0
+        out[i, 1] += a1
