@@ -76,9 +76,18 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     sys.setswitchinterval(min(interval, 0.0005))
     try:
         fit = yield from _fit_steps(stack, ref1, ref2, mask=mask, **options)
+        return fit, residuals(stack, ref1, ref2, fit)
+    except RuntimeError as err:
+        # superqt ends a generator worker that raises a RuntimeError
+        # without any signal (it takes it for a deleted Qt object): the run
+        # would never end.  Any other exception type reaches `errored`.
+        raise FitFailed(str(err)) from err
     finally:
         sys.setswitchinterval(interval)
-    return fit, residuals(stack, ref1, ref2, fit)
+
+
+class FitFailed(Exception):
+    """A fit failed in the worker thread (see :func:`_fit_in_thread`)."""
 
 
 def _is_output(layer) -> bool:
@@ -520,11 +529,6 @@ class MixcoefWidget(Container):
             return
         from qtpy.QtCore import QTimer
 
-        if isinstance(result, Exception):
-            # superqt hands a RuntimeError raised in the worker to
-            # `returned` as its value instead of `errored`
-            self._on_errored(result)
-            return
         fit, res = result
         stack_layer = self._inputs[0]
         if stack_layer not in self._viewer.layers:
