@@ -54,7 +54,6 @@ def noise_correlation(
     r = np.array(residuals, dtype=np.float64, copy=not overwrite)
     shape = r.shape[1:]
     lag = tuple(min(max_lag, s - 1) for s in shape)
-    inside = np.ones(shape) if mask is None else mask.astype(np.float64)
     if mask is not None:
         r[:, ~mask] = 0.0
     # Robust to hot pixels and debris: clip at 4 robust standard deviations
@@ -77,19 +76,15 @@ def noise_correlation(
     image_axes = tuple(range(len(size)))
     # All slices in one transform (the caller passes a few hundred
     # thousand pixels at most), in float32 (the lags' estimates are good to
-    # ~1e-3 statistically) and on both cores: 3-4× faster than numpy's.
+    # ~1e-3 statistically): several times faster than numpy's.  One
+    # worker: two took longer on transforms this small (thread hand-offs).
     slice_axes = tuple(range(1, len(size) + 1))
-    spectrum = sfft.rfftn(
-        r.astype(np.float32), s=size, axes=slice_axes, workers=-1
-    )
+    spectrum = sfft.rfftn(r.astype(np.float32), s=size, axes=slice_axes)
     power = (spectrum.real**2 + spectrum.imag**2).sum(axis=0)
-    auto = sfft.irfftn(power, s=size, axes=image_axes).astype(np.float64)
-    window = tuple(
-        np.r_[np.arange(-h, 0) % n, np.arange(h + 1)]
-        for h, n in zip(lag, size)
-    )
-    auto = auto[np.ix_(*window)]
-    pairs = _pair_counts(inside, size, window) * len(r)
+    window, pairs = _lag_grid(mask, shape, lag, size)
+    auto = sfft.irfftn(power, s=size, axes=image_axes)[window]
+    auto = auto.astype(np.float64)
+    pairs = pairs * len(r)
     with np.errstate(invalid='ignore', divide='ignore'):
         mean = np.where(pairs > 0, auto / np.maximum(pairs, 1), 0.0)
     centre = tuple(lag)
@@ -105,25 +100,37 @@ def noise_correlation(
     return rho
 
 
-_PAIRS: dict = {}
+_LAG_GRIDS: dict = {}
 
 
-def _pair_counts(inside, size, window) -> NDArray[np.float64]:
-    """Pairs of fitted pixels at each lag of the window (kept per mask)."""
-    key = (inside.shape, tuple(size), inside.tobytes())
-    counts = _PAIRS.get(key)
-    if counts is None:
+def _lag_grid(mask, shape, lag, size) -> tuple[tuple, NDArray[np.float64]]:
+    """Return the kept lags' index into the padded grid, and pair counts.
+
+    The counts are the pairs of fitted pixels at each lag.  Kept for the
+    last few masks: hashing a bool mask is cheap, computing counts is
+    two more transforms.
+    """
+    key = (shape, lag, tuple(size), None if mask is None else mask.tobytes())
+    hit = _LAG_GRIDS.get(key)
+    if hit is None:
+        window = np.ix_(
+            *(
+                np.r_[np.arange(-h, 0) % n, np.arange(h + 1)]
+                for h, n in zip(lag, size)
+            )
+        )
+        inside = np.ones(shape) if mask is None else mask.astype(np.float64)
         axes = tuple(range(inside.ndim))
         counts = np.fft.irfftn(
             np.abs(np.fft.rfftn(inside, s=size, axes=axes)) ** 2,
             s=size,
             axes=axes,
         )
-        counts = np.round(counts[np.ix_(*window)])
-        if len(_PAIRS) >= 4:
-            _PAIRS.clear()
-        _PAIRS[key] = counts
-    return counts
+        hit = (window, np.round(counts[window]))
+        if len(_LAG_GRIDS) >= 4:
+            _LAG_GRIDS.clear()
+        _LAG_GRIDS[key] = hit
+    return hit
 
 
 def smoothed(images: NDArray, kernel: NDArray) -> NDArray[np.float64]:

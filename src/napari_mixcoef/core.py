@@ -396,9 +396,7 @@ def _noise_kernel(
     count = _KERNEL_PIXELS // math.prod(shape)
     count = int(np.clip(count, 1, _KERNEL_SLICES))
     picks = np.unique(np.linspace(0, n_slices - 1, count).astype(int))
-    yc = np.concatenate(
-        [kernel.centred(Block(int(i), int(i) + 1, slice(None))) for i in picks]
-    )
+    yc = kernel.centred_slices(picks)
     k = bd.k
     with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
         delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, :k]
