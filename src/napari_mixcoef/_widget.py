@@ -178,6 +178,7 @@ class MixcoefWidget(Container):
         self._inputs: tuple = ()
         self._plot = None
         self._cancel_reason = ''
+        self._answered = True
         self._outputs = weakref.WeakKeyDictionary()
         self._progress_shown = 0.0  # time.monotonic() of the last step shown
         self.stack.choices = self._stack_choices
@@ -456,6 +457,7 @@ class MixcoefWidget(Container):
         mask = self.mask.value
         self._inputs = (stack, ref1, ref2, mask)
         self._cancel_reason = ''
+        self._answered = False  # by returned, errored or aborted
         worker = create_worker(
             _fit_in_thread,
             stack.data,
@@ -504,6 +506,7 @@ class MixcoefWidget(Container):
     def _on_errored(self, err: Exception) -> None:
         if self._holder['closed']:  # the viewer closed mid-run
             return
+        self._answered = True
         from napari.utils.notifications import show_error
 
         self._show_status(f'fit failed: {err}', error=True)
@@ -513,6 +516,7 @@ class MixcoefWidget(Container):
     def _on_aborted(self) -> None:
         if self._holder['closed']:  # the viewer closed mid-run
             return
+        self._answered = True
         self._show_status(self._cancel_reason or 'cancelled')
         self.fit_finished.emit(None)
 
@@ -523,12 +527,18 @@ class MixcoefWidget(Container):
         self._holder['worker'] = None
         self.run.enabled = True
         self.cancel.enabled = False
+        if not self._answered:
+            # A cancel that lands while the fit's last step runs: superqt
+            # then sends neither `returned` (a quit was asked) nor
+            # `aborted` (the generator had ended), only `finished`.
+            self._on_aborted()
 
     def _on_returned(self, result) -> None:
         if self._holder['closed']:  # the viewer closed mid-run
             return
         from qtpy.QtCore import QTimer
 
+        self._answered = True
         fit, res = result
         stack_layer = self._inputs[0]
         if stack_layer not in self._viewer.layers:

@@ -157,6 +157,30 @@ def test_removing_an_input_cancels(big_viewer, qtbot):
     assert [layer.name for layer in viewer.layers] == ['A', 'big']
 
 
+def test_a_cancel_during_the_last_step_ends_the_run(
+    sample_viewer, qtbot, monkeypatch
+):
+    # a cancel that lands while the last step runs: superqt then sends
+    # neither `returned` nor `aborted`, only `finished`
+    from napari_mixcoef import core
+
+    steps = core._fit_steps
+    viewer, w = sample_viewer
+
+    def cancelled_at_the_end(stack, *args, **kwargs):
+        fit = yield from steps(stack, *args, **kwargs)
+        if len(stack) >= 10:  # not the widget's own warm-up fits
+            w._stop('cancelled')  # as the Cancel button, mid-step
+        return fit
+
+    monkeypatch.setattr(core, '_fit_steps', cancelled_at_the_end)
+    n_layers = len(viewer.layers)
+    assert run_and_wait(qtbot, w, timeout=20_000) is None
+    assert 'cancelled' in w.status.value
+    assert len(viewer.layers) == n_layers
+    qtbot.waitUntil(lambda: w.run.enabled, timeout=10_000)
+
+
 def test_rename_mid_run_names_output_after_the_new_name(sample_viewer, qtbot):
     viewer, w = sample_viewer
     with qtbot.waitSignal(w.fit_finished, timeout=60_000):
