@@ -393,9 +393,10 @@ def _noise_kernel(
     if n_slices == 0 or not shape:
         return np.ones((1,) * len(shape))
     # enough pixels for lags to be precise, few enough to stay small
-    count = _KERNEL_PIXELS // math.prod(shape)
-    count = int(np.clip(count, 1, _KERNEL_SLICES))
-    picks = np.unique(np.linspace(0, n_slices - 1, count).astype(int))
+    count = min(max(_KERNEL_PIXELS // math.prod(shape), 1), _KERNEL_SLICES)
+    picks = sorted(
+        {(n_slices - 1) * i // max(count - 1, 1) for i in range(count)}
+    )
     yc = kernel.centred_slices(picks)
     k = bd.k
     with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
