@@ -9,10 +9,12 @@ the stack.  It runs on the caller's threads (``nogil``).
 
 numba is imported on first use, not with the package: importing it and
 starting LLVM take seconds, which the GUI spends in a background thread
-(:func:`warm_up`).  Without numba, for a dtype it cannot take, or with
-``NAPARI_MIXCOEF_KERNEL=numpy`` in the environment, :func:`available`
-says no and the numpy kernel of :mod:`napari_mixcoef._kernel` does the
-work (the tests hold both to the same results).
+(:func:`warm_up`).  The kernels' bodies live in
+:mod:`napari_mixcoef._fused_sums`, which imports numba.  Without numba,
+for a dtype it cannot take, or with ``NAPARI_MIXCOEF_KERNEL=numpy`` in the
+environment, :func:`available` says no and the numpy kernel of
+:mod:`napari_mixcoef._kernel` does the work (the tests hold both to the
+same results).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def available(dtype: np.dtype) -> bool:
         enabled()
         and dtype in DTYPES
         and dtype.isnative
-        and _kernel() is not None
+        and _kernel(dtype) is not None
     )
 
 
@@ -153,12 +155,16 @@ def block_sums(y, centre, mean, u1, t, segs, out) -> None:
     1.5× as long.  ``u2`` is formed on the fly (``Mᵀy_c − mean·Σy_c``
     afterwards would cancel digits that the offset model needs).
 
-    Four slices are summed side by side: they share each
-    load of the vectors, and four streams of data keep more reads in
-    flight than one.  A core read one slice at a time at half the speed
-    of OpenBLAS's GEMV, four at a time at its speed.
+    Float data is summed four slices side by side: they share each load
+    of the vectors, and four streams of data keep more reads in flight
+    than one (a plain sum streamed one slice at a time at half the speed
+    of OpenBLAS's GEMV here, four at a time at its speed).  8- and 16-bit
+    integer data goes one slice at a time: in a whole fit of 2000 × 256
+    × 256 uint16 slices four side by side took 1.3-1.5× as long (the cause
+    is not pinned down), while float32 and float64 fits were 5-20 %
+    faster.
     """
-    _kernel()(y, centre, mean, u1, t, segs, out)
+    _kernel(y.dtype)(y, centre, mean, u1, t, segs, out)
 
 
 def exact_sums(y, centre, mean, u1, coef, t, segs, out) -> None:
@@ -200,8 +206,11 @@ def jit(func, flags=FLAGS):
     return _JITTED[func]
 
 
-def _kernel():
-    return _compiled('sums')
+def _kernel(dtype=np.float32):
+    """Return the compiled sums for a stack of ``dtype`` (see block_sums)."""
+    dtype = np.dtype(dtype)
+    small_int = dtype.kind in 'iu' and dtype.itemsize <= 2
+    return _compiled('sums_one' if small_int else 'sums')
 
 
 def _compiled(name: str):

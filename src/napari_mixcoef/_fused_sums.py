@@ -94,6 +94,39 @@ def sums(y, centre, mean, u1, t, segs, out):  # pragma: no cover - compiled
                 out[i + r, col] += total[r, q]
 
 
+def sums_one(y, centre, mean, u1, t, segs, out):  # pragma: no cover
+    """:func:`sums` one slice at a time (for 8- and 16-bit data)."""
+    wt = centre.dtype.type
+    z = wt(0)
+    for i in range(y.shape[0]):
+        total = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        for g in range(segs.shape[0]):
+            p0, p1 = segs[g, 0], segs[g, 1]
+            cs, us, ys = centre[p0:p1], u1[p0:p1], y[i, p0:p1]
+            if t is None:
+                s = (z, z, z, z)
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    s = _ols_add(s, wt(ys[p]) - c, us[p], c - mean)
+                s = s + (z, z)
+            else:
+                ts = t[p0:p1]
+                s = (z, z, z, z, z, z)
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    s = _hac_add(s, wt(ys[p]) - c, us[p], c - mean, ts[p])
+            total = (
+                total[0] + s[0],
+                total[1] + s[1],
+                total[2] + s[2],
+                total[3] + s[3],
+                total[4] + s[4],
+                total[5] + s[5],
+            )
+        for q, col in enumerate((0, 1, 2, 4, 5, 6)):
+            out[i, col] += total[q]
+
+
 def exact(y, centre, mean, u1, coef, t, segs, out):  # pragma: no cover
     """Add ``Σr²`` (and ``Σr²t``) of each slice's explicit residuals."""
     rows = y.shape[0]

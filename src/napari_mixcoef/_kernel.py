@@ -71,7 +71,8 @@ class Kernel:
         d = self.design
         n = d.basis.shape[1]
         mask = np.ones(n, bool) if d.mask is None else d.mask.reshape(-1)
-        # M is zero outside the mask: a reference may hold inf or NaN there
+        # M is zero outside the mask (never read there, but a reference may
+        # hold inf or NaN there)
         centre = np.where(mask, d.centre.reshape(-1), 0).astype(d.dtype)
         # u2 = M − mean (as prepare() rounds it, to within an ulp of M)
         mean = d.dtype.type(centre.astype(np.float64)[mask].mean())
