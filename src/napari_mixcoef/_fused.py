@@ -221,4 +221,7 @@ def _compiled(name: str):
         from . import _fused_sums  # imports numba
     except ImportError:
         return None
-    return jit(getattr(_fused_sums, name))
+    func = getattr(_fused_sums, name)
+    # made already: skip jit()'s second look at the environment (this runs
+    # once per block, holding the GIL)
+    return _JITTED[func] if func in _JITTED else jit(func)

@@ -71,9 +71,9 @@ class Kernel:
         d = self.design
         n = d.basis.shape[1]
         mask = np.ones(n, bool) if d.mask is None else d.mask.reshape(-1)
-        # M is zero outside the mask (never read there, but a reference may
-        # hold inf or NaN there)
-        centre = np.where(mask, d.centre.reshape(-1), 0).astype(d.dtype)
+        # (M outside the mask, inf or NaN from a reference there, is never
+        # read: the kernels visit the runs of fitted pixels only)
+        centre = d.centre.reshape(-1)
         # u2 = M − mean (as prepare() rounds it, to within an ulp of M)
         mean = d.dtype.type(centre.astype(np.float64)[mask].mean())
         self._vectors = [
@@ -123,8 +123,9 @@ class Kernel:
         t = np.asarray(t, d.dtype)
         ut = t * d.basis[0]
         self.hac_terms = (t, ut)
-        if self.fused:
+        if self.fused:  # the compiled kernel reads t itself
             self._vectors[3] = np.ascontiguousarray(t)
+            return
         self._hac_sq = np.stack([t, np.ones_like(t)], axis=1)  # (n, 2)
         if self.rows is not None:  # raw y: also Σy·M·t, to centre later
             self._hac_lin = np.stack([ut, t * d.centre.reshape(-1)], axis=1)
@@ -283,7 +284,7 @@ class Kernel:
             sums[:, 1] = (my - mean * total) - d.basis[1] @ centre
             sums[:, 2] = total - centre.sum()
             sums[:, 3] = sums[:, 4] - 2 * my + centre @ centre
-            if self._hac_sq is not None:
+            if self.hac_terms is not None:
                 t, ut = (a.astype(np.float64) for a in self.hac_terms)
                 sums[:, 5] += -2 * sums[:, 7] + centre**2 @ t
                 sums[:, 6] -= centre @ ut
@@ -312,7 +313,7 @@ class Kernel:
         resid = (yc - delta_basis.astype(yc.dtype) @ basis).astype(np.float64)
         squares = np.square(resid)
         out[:, 0] += squares.sum(axis=1)
-        if self._hac_sq is not None:
+        if self.hac_terms is not None:
             out[:, 1] += squares @ self.hac_terms[0][px].astype(np.float64)
 
 
