@@ -539,6 +539,11 @@ class MixcoefWidget(Container):
         from qtpy.QtCore import QTimer
 
         self._answered = True
+        if self._cancel_reason:
+            # The fit ended before the stop reached the worker: its result
+            # is already queued, but the user asked for none.
+            self._on_aborted()
+            return
         fit, res = result
         stack_layer = self._inputs[0]
         if stack_layer not in self._viewer.layers:

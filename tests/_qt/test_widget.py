@@ -157,6 +157,25 @@ def test_removing_an_input_cancels(big_viewer, qtbot):
     assert [layer.name for layer in viewer.layers] == ['A', 'big']
 
 
+def test_a_stop_after_the_fit_ended_shows_nothing(sample_viewer, qtbot):
+    # the fit can end, its result queued, before the GUI thread handles a
+    # layer removal (seen in CI): the removal still cancels the run
+    from qtpy.QtCore import QThreadPool
+
+    viewer, w = sample_viewer
+    with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
+        w.run.native.click()
+        assert QThreadPool.globalInstance().waitForDone(60_000)
+        viewer.layers.remove('reference 2')
+    assert blocker.args[0] is None
+    assert 'removed' in w.status.value
+    assert [layer.name for layer in viewer.layers] == [
+        'reference 1',
+        'mixture stack',
+    ]
+    qtbot.waitUntil(lambda: w.run.enabled, timeout=10_000)
+
+
 def test_a_cancel_during_the_last_step_ends_the_run(
     sample_viewer, qtbot, monkeypatch
 ):
