@@ -239,3 +239,38 @@ def test_numpy_kernel_bands_with_a_mask(monkeypatch):
     whole = fit_stack(stack, a, b, mask=mask, stderr='ols')
     bands = fit_stack(stack, a, b, mask=mask, stderr='ols', chunk_bytes=1500)
     assert_same(bands, whole, F32)
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.float32, np.uint16])
+@pytest.mark.parametrize('hac', [False, True])
+def test_block_sums_of_any_row_count(dtype, hac):
+    # the kernel takes slices four or three at a time: every remainder,
+    # against float64 numpy sums of the same centred data, masked pixels
+    # (NaN here) never read
+    rng = np.random.default_rng(3)
+    n_px = 1500  # runs of 512 and a short last one
+    wt = np.float64 if dtype == np.float64 else np.float32
+    centre = (rng.random(n_px) * 100 + 50).astype(wt)
+    u1 = rng.standard_normal(n_px).astype(wt)
+    t = (rng.random(n_px) + 0.5).astype(wt) if hac else None
+    mask = rng.random(n_px) > 0.1
+    mean = wt(centre[mask].astype(np.float64).mean())
+    segs = _fused.segments(mask)
+    for rows in range(1, 9):
+        y = (rng.random((rows, n_px)) * 200).astype(dtype)
+        if dtype != np.uint16:
+            y[:, ~mask] = np.nan
+        out = np.zeros((rows, 8))
+        _fused.block_sums(y, centre, mean, u1, t, segs, out)
+        v = y[:, mask].astype(np.float64) - centre[mask]
+        u, c2 = u1[mask].astype(np.float64), centre[mask] - float(mean)
+        want = {0: v @ u, 1: v @ c2, 2: v.sum(1), 4: (v * v).sum(1)}
+        if hac:
+            tm = t[mask].astype(np.float64)
+            want.update({5: (v * v) @ tm, 6: v @ (u * tm)})
+        rtol = 1e-12 if dtype == np.float64 else 2e-5
+        for col, w in want.items():
+            assert_allclose(out[:, col], w, rtol=rtol, err_msg=f'{rows}/{col}')
+        # the columns the kernel does not own stay untouched
+        left = [c for c in range(8) if c not in want]
+        assert not out[:, left].any()
