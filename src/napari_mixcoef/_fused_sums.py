@@ -27,18 +27,15 @@ def _ols_add(s, v, u, c2):  # pragma: no cover - compiled
 @_inline
 def _hac_add(s, v, u, c2, t):  # pragma: no cover - compiled
     """:func:`_ols_add` and ``y_c²·t, y_c·u1·t`` on the 6-tuple ``s``."""
-    # y_c·t serves both HAC sums: one product and two temporaries fewer
-    # per pixel than y_c² and u1·y_c each times t (the four-slice loop
-    # spills its accumulators; the HAC pass of 5000 × 64 × 64 float64
-    # took ~15 % less time in whole fits, interleaved with the old form)
-    vt = v * t
+    w = u * v
+    q = v * v
     return (
-        s[0] + u * v,
+        s[0] + w,
         s[1] + c2 * v,
         s[2] + v,
-        s[3] + v * v,
-        s[4] + vt * v,
-        s[5] + vt * u,
+        s[3] + q,
+        s[4] + q * t,
+        s[5] + w * t,
     )
 
 
@@ -48,12 +45,13 @@ def sums(y, centre, mean, u1, t, segs, out):  # pragma: no cover - compiled
     Several slices at a time (rows ``i, j, k, m``): they share each load
     of the vectors, and several streams of data keep more reads in flight.
     Four for the four sums of textbook errors, three with the two HAC sums:
-    four slices' 24 accumulators spill from AVX2's 16 registers, and in
-    whole fits of 5000 × 64 × 64 float64 three at a time took ~20 % less
-    time (two: about as three).  ``t is None`` is decided when numba
-    compiles (one machine code with the HAC sums, one without).  Each sum
-    runs in the working dtype over one run of ``segs`` (SIMD lanes), then
-    into a float64 total; a slice's sums travel as a tuple, in registers.
+    four slices' 24 accumulators spill from AVX2's 16 registers, and whole
+    fits of 5000 × 64 × 64 float64 took ~20 % less time three at a time
+    (float32 at 2000 × 256 × 256: the same; two slices: as three).
+    ``t is None`` is decided when numba compiles (one machine code with
+    the HAC sums, one without).  Each sum runs in the working dtype over
+    one run of ``segs`` (SIMD lanes), then into a float64 total; a slice's
+    sums travel as a tuple, in registers.
     """
     rows = y.shape[0]
     wt = centre.dtype.type
