@@ -159,11 +159,11 @@ def block_sums(y, centre, mean, u1, t, segs, out) -> None:
     sums, whose accumulators would not fit the registers): they share each
     load of the vectors, and several streams of data keep more reads in
     flight than one (a plain sum streamed one slice at a time at half the
-    speed of OpenBLAS's GEMV here, four at a time at its speed).  8- and 16-bit
-    integer data goes one slice at a time: in a whole fit of 2000 × 256
-    × 256 uint16 slices four side by side took 1.3-1.5× as long (the cause
-    is not pinned down), while float32 and float64 fits were 5-20 %
-    faster.
+    speed of OpenBLAS's GEMV here, four at a time at its speed).  8- and
+    16-bit integer data goes one slice at a time: in a whole fit of 2000 ×
+    256 × 256 uint16 slices four side by side took 1.3-1.5× as long (the
+    cause is not pinned down; three took as long as one), while float32
+    and float64 fits were 5-20 % faster.
     """
     _kernel(y.dtype)(y, centre, mean, u1, t, segs, out)
 
