@@ -163,9 +163,10 @@ def _runs(bd: BlockDesign) -> NDArray[np.int64]:
     cached = _RUNS.get(key)
     if cached is not None and cached[0] is inside:
         return cached[1]
-    fitted = np.ones(bd.centre.size, bool)
-    if inside is not None:
-        fitted[:] = False
+    if inside is None:
+        fitted = np.ones(bd.centre.size, bool)
+    else:
+        fitted = np.zeros(bd.centre.size, bool)
         fitted[inside] = True
     runs = segments(fitted, CHUNK)
     if len(_RUNS) > 8:

@@ -401,7 +401,8 @@ def _noise_kernel(
     k = bd.k
     with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
         delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, :k]
-        resid = yc.astype(np.float64) - delta @ bd.design_t.astype(np.float64)
+        model = delta @ bd.design_t.astype(np.float64)
+        resid = yc.astype(np.float64, copy=False) - model  # new array
     finite = np.isfinite(resid).all(axis=1)
     if not finite.all():
         bad = int(picks[np.flatnonzero(~finite)[0]])
