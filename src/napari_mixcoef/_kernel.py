@@ -225,16 +225,27 @@ class Kernel:
         subtraction for all of them (per-slice blocks cost ~70 µs each).
         """
         d = self.design
-        y = np.stack(
-            [
-                as_numpy(self.stack[np.unravel_index(i, self.lead_shape)])
-                for i in indices
-            ]
-        ).reshape(len(indices), -1)
-        out = np.zeros(y.shape, d.dtype)
-        where = True if d.mask is None else d.mask.reshape(-1)
+        rows = None
+        if isinstance(self.stack, np.ndarray):
+            with contextlib.suppress(ValueError, TypeError):  # needs a copy
+                rows = self.stack.reshape(
+                    (math.prod(self.lead_shape), -1), copy=False
+                )
+        if rows is not None:  # one gather instead of a read per slice
+            y = rows[np.asarray(indices, dtype=np.intp)]
+        else:
+            y = np.stack(
+                [
+                    as_numpy(self.stack[np.unravel_index(i, self.lead_shape)])
+                    for i in indices
+                ]
+            ).reshape(len(indices), -1)
+        centre = d.centre.reshape(-1)
         with np.errstate(invalid='ignore', over='ignore'):  # reported later
-            np.subtract(y, d.centre.reshape(-1), out=out, where=where)
+            if d.mask is None:
+                return np.subtract(y, centre, dtype=d.dtype)
+            out = np.zeros(y.shape, d.dtype)
+            np.subtract(y, centre, out=out, where=d.mask.reshape(-1))
         return out
 
     def accumulate(self, block: Block, out: np.ndarray) -> None:

@@ -280,7 +280,8 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
     if spec.stderr == 'auto':  # one coefficient: the sandwich is sums too
         bd = _block_design(design, kernel.ref_shape, None)
         rho = _noise_kernel(kernel, bd, spec, n_slices)
-        t = _block_design(design, kernel.ref_shape, rho).terms[:, 0]
+        columns = bd.design_t.astype(np.float64)
+        t = _terms(columns, kernel.ref_shape, rho)[:, 0].astype(design.dtype)
         kernel.hac(t)
         u1 = design.basis[0].astype(np.float64)
         hac_const = float(np.sum(u1 * u1 * t.astype(np.float64)))
@@ -405,7 +406,7 @@ def _noise_kernel(
     k = bd.k
     with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
         delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, :k]
-        model = delta @ bd.design_t.astype(np.float64)
+        model = delta @ bd.design_t.astype(np.float64, copy=False)
         resid = yc.astype(np.float64, copy=False) - model  # new array
     finite = np.isfinite(resid).all(axis=1)
     if not finite.all():
@@ -421,17 +422,14 @@ def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
     columns = design.transform.T @ design.basis.astype(np.float64)  # (k, n)
     k = len(columns)
     pairs = np.stack([columns[a] * columns[b] for a, b in pair_index(k)], 1)
-    terms = None
-    if rho is not None:
-        smooth = smoothed(columns.reshape((k, *ref_shape)), rho)
-        terms = sandwich_terms(columns, smooth.reshape(k, -1)).astype(dtype)
+    terms = None if rho is None else _terms(columns, ref_shape, rho)
     inside = None if design.mask is None else np.flatnonzero(design.mask)
     fitted = np.arange(columns.shape[1]) if inside is None else inside
     sample = fitted[:: max(1, len(fitted) // 2048)]
     return BlockDesign(
         design_t=columns.astype(dtype),
         pairs=pairs.astype(dtype),
-        terms=terms,
+        terms=None if terms is None else terms.astype(dtype),
         centre=design.centre.reshape(-1),
         gram_inv=design.gram_inv,
         inside=inside,
@@ -440,6 +438,13 @@ def _block_design(design: Design, ref_shape, rho) -> BlockDesign:
         transform=design.transform,
         sample=sample,
     )
+
+
+def _terms(columns: np.ndarray, ref_shape, rho) -> np.ndarray:
+    """Per-pixel sandwich terms (n, k(k+1)/2) of the design columns (k, n)."""
+    k = len(columns)
+    smooth = smoothed(columns.reshape((k, *ref_shape)), rho)
+    return sandwich_terms(columns, smooth.reshape(k, -1))
 
 
 def _centred_total(q, s, h2, design: Design) -> np.ndarray:
