@@ -71,9 +71,13 @@ def test_fit_each_format(files, name):
     table = read_csv(out)
     assert list(table)[:3] == ['index_0', 'x', 'x_stderr']
     assert_allclose(table['index_0'], np.arange(25))
-    assert_allclose(table['x'], expected.x, rtol=1e-8)
-    assert_allclose(table['c'], expected.coef[:, 2], rtol=1e-8, atol=1e-9)
-    assert_allclose(table['r2'], expected.r2, rtol=1e-8)
+    # float32 work: a stack read lazily (compressed TIFF, zarr) is fitted
+    # slice by slice, one in memory by the compiled passes; they round
+    # differently (~1e-7), far below any statistical difference
+    assert_allclose(table['x'], expected.x, rtol=1e-6)
+    off = np.abs(table['c'] - expected.coef[:, 2]) / expected.stderr[:, 2]
+    assert off.max() <= 1e-4
+    assert_allclose(table['r2'], expected.r2, rtol=1e-6)
 
 
 @pytest.mark.parametrize('suffix', ['.npy', '.tif', '.zarr'])

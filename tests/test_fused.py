@@ -96,6 +96,46 @@ def test_other_models_with_textbook_errors(monkeypatch, calls, model):
     assert_same(fused, plain, F32)
 
 
+@pytest.mark.parametrize('dtype', [np.float64, np.float32, np.uint16])
+@pytest.mark.parametrize('model', ['scaled', 'offset'])
+def test_robust_errors_of_more_coefficients_in_two_passes(
+    monkeypatch, calls, dtype, model
+):
+    # in memory, robust errors for k = 2, 3 come from the one-pass sums and
+    # a compiled pass over the residuals; the numpy path fits each slice.
+    # Spatially correlated noise (so the sandwich terms have lags), a
+    # mask, and bands of rows (slices bigger than a chunk).
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    stack, a, b, _ = make_stack(lead=(24,), shape=(40, 36), noise=0.0)
+    noise = ndimage.gaussian_filter(rng.normal(0, 40, stack.shape), (0, 1, 1))
+    stack = (stack * 1.2 + 30 + noise).astype(dtype)
+    mask = np.ones(a.shape, bool)
+    mask[:6, 4:15] = False
+    passes = []
+    inner = _fused.exact_terms
+    monkeypatch.setattr(
+        _fused, 'exact_terms', lambda *args: passes.append(1) or inner(*args)
+    )
+    kwargs = dict(model=model, mask=mask, chunk_bytes=2048)
+    fused, plain = both_paths(monkeypatch, calls, stack, a, b, **kwargs)
+    assert passes, 'the residual pass did not run'
+    assert (
+        fused.noise_kernel is not None
+        and np.count_nonzero(fused.noise_kernel) > 1
+    )
+    # float32 work: the numpy path squares and weights the residuals in
+    # float32 BLAS; the compiled pass sums each run of them in float64
+    rtol = 1e-9 if dtype == np.float64 else 2e-5
+    assert_same(fused, plain, rtol)
+    # progress: both passes, in order, ending at the slice count
+    steps = []
+    fit_stack(stack, a, b, progress=lambda d, n: steps.append(d), **kwargs)
+    assert steps == sorted(steps) and steps[-1] == 24
+    assert any(0 < s < 24 for s in steps)
+
+
 def test_bands_and_views(monkeypatch, calls):
     # slices bigger than a chunk are cut into bands along Y; a strided
     # view is read through a copy of each piece

@@ -181,6 +181,21 @@ def exact_sums(y, centre, mean, u1, coef, t, segs, out) -> None:
     _compiled('exact')(y, centre, mean, u1, coef, t, segs, out)
 
 
+def exact_terms(y, centre, mean, u1, coef, terms, segs, out) -> None:
+    """Add ``Σr²`` and ``Σr²·terms[m]`` of explicit residuals into ``out``.
+
+    The second pass of robust (HAC) errors for two or three coefficients,
+    whose sandwich does not expand into few per-slice sums.  ``y``,
+    ``centre``, ``mean``, ``u1`` and ``segs`` as in :func:`block_sums`;
+    ``coef`` (rows, 3) float64 holds each slice's ``δ`` on the basis
+    ``u1, u2, 1``; ``terms`` (6, n_px) the sandwich terms of
+    :func:`napari_mixcoef._spatial.sandwich_terms` in the working dtype,
+    zero rows past ``k(k+1)/2``; ``out`` (rows, 7) float64.  Each run's
+    sums are in the working dtype, their totals in float64.
+    """
+    _compiled('exact_terms')(y, centre, mean, u1, coef, terms, segs, out)
+
+
 def jit(func, flags=FLAGS):
     """Return ``func`` compiled by numba (made once), or None without it.
 

@@ -327,6 +327,35 @@ class Kernel:
         if self.hac_terms is not None:
             out[:, 1] += squares @ self.hac_terms[0][px].astype(np.float64)
 
+    def residual_terms(
+        self,
+        block: Block,
+        delta_basis: np.ndarray,
+        terms: np.ndarray,
+        out: np.ndarray,
+    ) -> None:
+        """Add ``Σr²`` and ``Σr²·terms[m]`` of the explicit residuals.
+
+        Compiled kernel only (see :func:`_fused.exact_terms`):
+        ``delta_basis`` (rows, 3), ``terms`` (6, n_ref) in the working
+        dtype, ``out`` (rows, 7) float64.
+        """
+        px = self.pixel_range(block)
+        centre, mean, u1, _, segs = self._band_vectors(px)
+        band_terms = np.ascontiguousarray(terms[:, px])
+        for r0, y in self.raw_pieces(block):
+            rows = slice(r0, r0 + len(y))
+            _fused.exact_terms(
+                y,
+                centre,
+                mean,
+                u1,
+                delta_basis[rows],
+                band_terms,
+                segs,
+                out[rows],
+            )
+
 
 def as_rows(stack, n_slices: int) -> np.ndarray | None:
     """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""

@@ -72,7 +72,13 @@ from ._kernel import (
     one_blas_thread,
     thread_run,
 )
-from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
+from ._spatial import (
+    noise_correlation,
+    pair_index,
+    sandwich_terms,
+    smoothed,
+    unpack,
+)
 
 __all__ = [
     'MODELS',
@@ -233,8 +239,8 @@ def _fit_steps(
         )
         block_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES
         kernel = Kernel(stack, design, lead_shape, ref_shape, block_bytes)
-        sums = _sums_suffice(spec, design)
         in_place = kernel.fused and isinstance(stack, np.ndarray)
+        sums = _sums_suffice(spec, design, in_place)
         if chunk_bytes is None and in_place and sums:
             # nothing is copied: bigger blocks only mean fewer calls
             block_bytes = _IN_MEMORY_BLOCK_BYTES
@@ -263,45 +269,62 @@ def _fit_steps(
 _IN_MEMORY_BLOCK_BYTES = 16 << 20
 
 
-def _sums_suffice(spec: NoiseSpec, design: Design) -> bool:
-    """Whether per-slice sums (one pass, any blocks) give the whole fit.
+def _sums_suffice(spec: NoiseSpec, design: Design, in_place: bool) -> bool:
+    """Whether per-slice sums (any blocks) give the whole fit.
 
     Least squares with textbook errors always; with robust errors for one
-    coefficient (the mix model), whose sandwich expands into sums.
+    coefficient (the mix model), whose sandwich expands into sums.  With
+    robust errors for two or three, a second pass of the compiled kernel
+    over the explicit residuals: only for stacks in memory, where reading
+    twice is cheaper than numpy's per-slice path (a zarr or dask stack
+    would be read and decompressed twice).
     """
-    return spec.noise == 'gaussian' and (spec.stderr == 'ols' or design.k == 1)
+    if spec.noise != 'gaussian':
+        return False
+    return spec.stderr == 'ols' or design.k == 1 or in_place
 
 
 def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
     """Least squares from one pass of additive per-slice sums."""
     lead_shape = kernel.lead_shape
     n_slices = math.prod(lead_shape)
-    rho = hac_const = None
-    if spec.stderr == 'auto':  # one coefficient: the sandwich is sums too
+    rho = hac_const = terms = None
+    if spec.stderr == 'auto':
         bd = _block_design(design, kernel.ref_shape, None)
         rho = _noise_kernel(kernel, bd, spec, n_slices)
         columns = bd.design_t.astype(np.float64)
-        t = _terms(columns, kernel.ref_shape, rho)[:, 0].astype(design.dtype)
+        terms = _terms(columns, kernel.ref_shape, rho).astype(design.dtype)
+    if terms is not None and design.k == 1:  # the sandwich is sums too
+        t = terms[:, 0]
         kernel.hac(t)
         u1 = design.basis[0].astype(np.float64)
         hac_const = float(np.sum(u1 * u1 * t.astype(np.float64)))
+        terms = None
+    # robust errors for k > 1: a second pass over the residuals (below)
+    share = 1 if terms is None else 2
     if is_dask(stack):
         # block-wise on the active dask scheduler, never gathered here
         raw = yield from dask_sums(stack, design, lead_shape, kernel.hac_terms)
         check_finite(raw[:, 4], 0, lead_shape)
     else:
         raw = np.zeros((n_slices, N_SUMS))
-        yield from thread_run(
+        for done, total in thread_run(
             groups,
             lambda block: kernel.accumulate(block, raw),
             lambda start, stop: check_finite(
                 raw[start:stop, 4], start, lead_shape
             ),
             n_slices,
-        )
+        ):
+            yield done // share, total
     kernel.centred_sums(raw)
     g = raw[:, :3] @ design.transform  # Dᵀ y_c, (n, k)
     delta = g @ design.gram_inv  # gram_inv is symmetric
+    n, k = design.n_pixels, design.k
+    if terms is not None:
+        ssr, cov = yield from _residual_pass(kernel, groups, delta, terms)
+        sst = _centred_total(raw[:, 3], raw[:, 2], raw[:, 1], design)
+        return _assemble(design, lead_shape, delta, cov, ssr, sst, spec, rho)
     ssr = raw[:, 3] - np.einsum('ij,ij->i', delta, g)
     omega = None
     if hac_const is not None:  # Σ r²t with r = y_c − δ·u1, expanded
@@ -327,7 +350,6 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
         if omega is not None:
             omega[suspect] = exact[suspect, 1]
     ssr = np.maximum(ssr, 0.0)
-    n, k = design.n_pixels, design.k
     if omega is None:
         cov = (ssr / (n - k))[:, None, None] * design.gram_inv
     else:
@@ -335,6 +357,37 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
         cov = (np.maximum(omega, 0.0) * inv * inv * n / (n - k))[:, None, None]
     sst = _centred_total(raw[:, 3], raw[:, 2], raw[:, 1], design)
     return _assemble(design, lead_shape, delta, cov, ssr, sst, spec, rho)
+
+
+def _residual_pass(kernel: Kernel, groups, delta, terms):
+    """SSR and robust (HAC) covariances from one pass over the residuals.
+
+    The second half of a fit with robust errors for two or three
+    coefficients, in memory: ``Σr²`` and ``Ω = Σ r²·terms`` per slice, as
+    :func:`napari_mixcoef._estimators.fit_block` forms them from the same
+    residuals (``terms`` (n_ref, k(k+1)/2), working dtype).  Yields the
+    second half of the progress.
+    """
+    design = kernel.design
+    n, k = design.n_pixels, design.k
+    n_slices = len(delta)
+    p = terms.shape[1]
+    padded = np.zeros((6, terms.shape[0]), design.dtype)
+    padded[:p] = terms.T
+    delta_basis = np.ascontiguousarray(delta @ design.transform.T)
+    sums = np.zeros((n_slices, 7))
+
+    def work(block: Block) -> None:
+        # a group's bands add into the same rows: thread_run runs a whole
+        # group in one thread
+        rows = slice(block.start, block.stop)
+        kernel.residual_terms(block, delta_basis[rows], padded, sums[rows])
+
+    for done, total in thread_run(groups, work, lambda *_: None, n_slices):
+        yield (total + done) // 2, total
+    omega = unpack(sums[:, 1 : 1 + p], k) * (n / (n - k))
+    inv = design.gram_inv
+    return sums[:, 0], inv @ omega @ inv
 
 
 def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):

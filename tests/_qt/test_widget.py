@@ -257,7 +257,10 @@ def test_dask_layer_and_labels_mask(make_napari_viewer, qtbot):
     w.model.value = 'scaled'
     fit = run_and_wait(qtbot, w)
     expected = fit_stack(stack, a, b, model='scaled', mask=labels > 0)
-    assert_allclose(fit.x, expected.x, rtol=1e-10)
+    # uint16 data, float32 work: the dask layer's per-slice fit and the
+    # in-memory two passes round differently (~5e-8); a wrong mask or
+    # layer would move x by far more
+    assert_allclose(fit.x, expected.x, rtol=1e-6)
     assert fit.n_pixels == 48 * 48
     layer = viewer.layers['lazy residual']
     assert layer.metadata['mixcoef']['mask'] == 'roi'
