@@ -495,7 +495,7 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
     # sums for SSR and the centred total)": the default fit for the mix
     # model (which adds robust errors from the same one pass), textbook
     # errors for the scaled and offset models.  Their default robust
-    # errors need each slice's residuals: shown, as context.
+    # errors take a second pass over the residuals: shown, as context.
     rows = []
     for key, target in (
         ('float32 mix', True),
@@ -541,8 +541,9 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
     )
     print('context (not targets):')
     print(
-        '  scaled and offset with their default robust errors: those need '
-        "each slice's residuals (a per-slice path), not only the one pass"
+        '  scaled and offset with their default robust errors: the one '
+        'pass, then a second one over the residuals (their sandwich does '
+        'not expand into a few sums)'
     )
     print(
         f'  float32 GEMV with 1 BLAS thread: {fmt_time(t1)} '
