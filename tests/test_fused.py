@@ -136,6 +136,25 @@ def test_robust_errors_of_more_coefficients_in_two_passes(
     assert any(0 < s < 24 for s in steps)
 
 
+def test_closing_the_fit_during_the_residual_pass():
+    # the widget cancels by closing the fit's generator between steps: in
+    # the second pass too, and the next fit is unaffected
+    from napari_mixcoef.core import _fit_steps
+
+    stack, a, b, _ = make_stack(lead=(40,), shape=(40, 36), noise=5.0)
+    stack = stack.astype(np.float32)
+    steps = _fit_steps(stack, a, b, model='scaled', chunk_bytes=4096)
+    closed_at = None
+    for done, total in steps:
+        if done > total // 2:  # inside the residual pass
+            steps.close()
+            closed_at = done
+            break
+    assert closed_at is not None and closed_at < 40, 'no step to stop at'
+    fit = fit_stack(stack, a, b, model='scaled')
+    assert np.isfinite(fit.x_stderr).all()
+
+
 def test_bands_and_views(monkeypatch, calls):
     # slices bigger than a chunk are cut into bands along Y; a strided
     # view is read through a copy of each piece
