@@ -164,38 +164,52 @@ def exact(y, centre, mean, u1, coef, t, segs, out):  # pragma: no cover
 def exact_terms(  # pragma: no cover - compiled
     y, centre, mean, u1, coef, terms, segs, out
 ):
-    """Add ``Σr²`` and ``Σr²·terms[m]`` (six rows) of explicit residuals."""
+    """Add ``Σr²`` and ``Σr²·terms[m]`` (six rows) of explicit residuals.
+
+    Band by band of runs (~32 KiB of each of the eight vectors), all rows
+    in each: at 256 × 256 the vectors of whole slices (2 MiB in float32)
+    spill from a core's L2 cache, and every slice would read them again
+    from L3.
+    """
     rows = y.shape[0]
     wt = centre.dtype.type
     z = wt(0)
-    a = np.zeros(7)
-    for i in range(rows):
-        c0, c1, c2 = wt(coef[i, 0]), wt(coef[i, 1]), wt(coef[i, 2])
-        a[:] = 0.0
-        for g in range(segs.shape[0]):
-            p0, p1 = segs[g, 0], segs[g, 1]
-            ys, cs, us = y[i, p0:p1], centre[p0:p1], u1[p0:p1]
-            t0, t1, t2 = terms[0, p0:p1], terms[1, p0:p1], terms[2, p0:p1]
-            t3, t4, t5 = terms[3, p0:p1], terms[4, p0:p1], terms[5, p0:p1]
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = z
-            for p in range(p1 - p0):
-                c = cs[p]
-                r = (wt(ys[p]) - c) - (c0 * us[p] + c1 * (c - mean) + c2)
-                rr = r * r
-                s0 += rr
-                s1 += rr * t0[p]
-                s2 += rr * t1[p]
-                s3 += rr * t2[p]
-                s4 += rr * t3[p]
-                s5 += rr * t4[p]
-                s6 += rr * t5[p]
-            # a run's sums in the working dtype, the totals in float64
-            a[0] += s0
-            a[1] += s1
-            a[2] += s2
-            a[3] += s3
-            a[4] += s4
-            a[5] += s5
-            a[6] += s6
-        for q in range(7):
-            out[i, q] += a[q]
+    n_seg = segs.shape[0]
+    per_band = max(1, (1 << 15) // (centre.itemsize * 512))
+    for b0 in range(0, n_seg, per_band):
+        b1 = min(b0 + per_band, n_seg)
+        for i in range(rows):
+            c0, c1, c2 = wt(coef[i, 0]), wt(coef[i, 1]), wt(coef[i, 2])
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = 0.0
+            for g in range(b0, b1):
+                p0, p1 = segs[g, 0], segs[g, 1]
+                ys, cs, us = y[i, p0:p1], centre[p0:p1], u1[p0:p1]
+                t0, t1, t2 = terms[0, p0:p1], terms[1, p0:p1], terms[2, p0:p1]
+                t3, t4, t5 = terms[3, p0:p1], terms[4, p0:p1], terms[5, p0:p1]
+                s0 = s1 = s2 = s3 = s4 = s5 = s6 = z
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    r = (wt(ys[p]) - c) - (c0 * us[p] + c1 * (c - mean) + c2)
+                    rr = r * r
+                    s0 += rr
+                    s1 += rr * t0[p]
+                    s2 += rr * t1[p]
+                    s3 += rr * t2[p]
+                    s4 += rr * t3[p]
+                    s5 += rr * t4[p]
+                    s6 += rr * t5[p]
+                # a run's sums in the working dtype, the totals in float64
+                a0 += s0
+                a1 += s1
+                a2 += s2
+                a3 += s3
+                a4 += s4
+                a5 += s5
+                a6 += s6
+            out[i, 0] += a0
+            out[i, 1] += a1
+            out[i, 2] += a2
+            out[i, 3] += a3
+            out[i, 4] += a4
+            out[i, 5] += a5
+            out[i, 6] += a6
