@@ -285,7 +285,11 @@ def _sums_suffice(spec: NoiseSpec, design: Design, in_place: bool) -> bool:
 
 
 def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
-    """Least squares from one pass of additive per-slice sums."""
+    """Least squares from one pass of additive per-slice sums.
+
+    Robust errors for two or three coefficients add a second pass, over
+    the residuals (see :func:`_residual_pass`).
+    """
     lead_shape = kernel.lead_shape
     n_slices = math.prod(lead_shape)
     rho = hac_const = terms = None
