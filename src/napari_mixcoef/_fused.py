@@ -79,7 +79,8 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
 
     Runs tiny fits of each dtype, with robust and textbook errors, so that
     every kernel they use (the sums here, the per-slice fit that estimates
-    the noise's correlation) is ready.  Costs a few seconds the first time
+    the noise's correlation, the residual pass of robust errors for the
+    scaled and offset models) is ready.  Costs a few seconds the first time
     in a process; the widget calls it in a background thread so the first
     fit does not pay for it.
     """
@@ -95,6 +96,7 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
         for stack in (noisy, exact):  # exact: R² ≈ 1 takes the guard
             for stderr in ('auto', 'ols'):
                 fit_stack(stack, a, b, stderr=stderr)
+        fit_stack(noisy, a, b, model='scaled')
 
 
 def segments(mask: np.ndarray, run: int = _RUN) -> np.ndarray:
