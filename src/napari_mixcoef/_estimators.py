@@ -304,6 +304,18 @@ def _psi(resid: NDArray, bd: BlockDesign, size: NDArray, scale) -> NDArray:
     return resid
 
 
+def sandwich(omega: NDArray, inv: NDArray, n: int) -> NDArray[np.float64]:
+    """Robust covariances ``inv Ω inv · n/(n − k)`` of many slices.
+
+    ``omega`` (m, k(k+1)/2) float64: the packed ``Σ ψ² · terms`` of each
+    slice (see :func:`napari_mixcoef._spatial.sandwich_terms`); ``inv``
+    (k, k) or (m, k, k): the inverse bread.  Returns (m, k, k).
+    """
+    k = inv.shape[-1]
+    full = unpack(omega, k) * (n / (n - k))
+    return inv @ full @ inv
+
+
 def _covariance(resid, weights, bread, scale, bd, spec, n, k) -> NDArray:
     """Packed per-slice covariance of δ for the chosen stderr mode.
 
@@ -342,10 +354,8 @@ def _covariance(resid, weights, bread, scale, bd, spec, n, k) -> NDArray:
     else:
         # sandwich: bread⁻¹ Ω bread⁻¹, Ω = Σ ψ² · terms (spatial HAC)
         squares = np.square(psi, out=psi)  # psi is not needed after
-        omega = unpack(np.dot(squares, bd.terms).astype(np.float64), k)
-        omega *= n / (n - k)
         inv = bd.gram_inv if bread is None else np.linalg.inv(bread)
-        cov = inv @ omega @ inv
+        cov = sandwich(np.dot(squares, bd.terms).astype(np.float64), inv, n)
     packed = np.empty((m, k * (k + 1) // 2))
     for j, (a, b) in enumerate(pair_index(k)):
         packed[:, j] = cov[:, a, b] if cov.ndim == 3 else cov[a, b]

@@ -225,12 +225,7 @@ class Kernel:
         subtraction for all of them (per-slice blocks cost ~70 µs each).
         """
         d = self.design
-        rows = None
-        if isinstance(self.stack, np.ndarray):
-            with contextlib.suppress(ValueError, TypeError):  # needs a copy
-                rows = self.stack.reshape(
-                    (math.prod(self.lead_shape), -1), copy=False
-                )
+        rows = flat_rows(self.stack, math.prod(self.lead_shape))
         if rows is not None:  # one gather instead of a read per slice
             y = rows[np.asarray(indices, dtype=np.intp)]
         else:
@@ -357,14 +352,21 @@ class Kernel:
             )
 
 
-def as_rows(stack, n_slices: int) -> np.ndarray | None:
-    """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""
-    if not isinstance(stack, np.ndarray) or stack.dtype != np.float64:
+def flat_rows(stack, n_slices: int) -> np.ndarray | None:
+    """Return a numpy ``stack`` as an ``(n_slices, n_ref)`` view, or None."""
+    if not isinstance(stack, np.ndarray):
         return None
     try:
         return stack.reshape((n_slices, -1), copy=False)
     except (ValueError, TypeError):  # a copy would be needed
         return None
+
+
+def as_rows(stack, n_slices: int) -> np.ndarray | None:
+    """``stack`` as a C-ordered ``(n_slices, n_ref)`` float64 view, or None."""
+    if getattr(stack, 'dtype', None) != np.float64:
+        return None
+    return flat_rows(stack, n_slices)
 
 
 def _n_threads() -> int:

@@ -42,7 +42,8 @@ def noise_correlation(
     max_lag : int
         Largest lag per axis.
     overwrite : bool
-        Whether ``residuals`` (float64) may be clipped in place.
+        Whether ``residuals`` (float64) may be zeroed outside the mask in
+        place (the clipped values go to a separate padded copy).
 
     Returns
     -------

@@ -62,6 +62,7 @@ from ._estimators import (
     NoiseSpec,
     check_spec,
     fit_block,
+    sandwich,
     split_output,
 )
 from ._fused_irls import covers, fit_block_fused
@@ -77,7 +78,6 @@ from ._spatial import (
     pair_index,
     sandwich_terms,
     smoothed,
-    unpack,
 )
 
 __all__ = [
@@ -292,19 +292,19 @@ def _fit_sums(stack, design: Design, spec: NoiseSpec, kernel: Kernel, groups):
     """
     lead_shape = kernel.lead_shape
     n_slices = math.prod(lead_shape)
-    rho = hac_const = terms = None
+    rho = hac_const = terms = None  # terms: robust errors, k > 1
     if spec.stderr == 'auto':
         bd = _block_design(design, kernel.ref_shape, None)
         rho = _noise_kernel(kernel, bd, spec, n_slices)
         columns = bd.design_t.astype(np.float64)
         terms = _terms(columns, kernel.ref_shape, rho).astype(design.dtype)
-    if terms is not None and design.k == 1:  # the sandwich is sums too
-        t = terms[:, 0]
-        kernel.hac(t)
-        u1 = design.basis[0].astype(np.float64)
-        hac_const = float(np.sum(u1 * u1 * t.astype(np.float64)))
-        terms = None
-    # robust errors for k > 1: a second pass over the residuals (below)
+        if design.k == 1:  # the sandwich expands into the pass's sums
+            t = terms[:, 0]
+            kernel.hac(t)
+            u1 = design.basis[0].astype(np.float64)
+            hac_const = float(np.sum(u1 * u1 * t.astype(np.float64)))
+            terms = None
+    # with terms, a second pass over the residuals (below) has half the work
     share = 1 if terms is None else 2
     if is_dask(stack):
         # block-wise on the active dask scheduler, never gathered here
@@ -373,7 +373,6 @@ def _residual_pass(kernel: Kernel, groups, delta, terms):
     second half of the progress.
     """
     design = kernel.design
-    n, k = design.n_pixels, design.k
     n_slices = len(delta)
     p = terms.shape[1]
     padded = np.zeros((6, terms.shape[0]), design.dtype)
@@ -389,9 +388,8 @@ def _residual_pass(kernel: Kernel, groups, delta, terms):
 
     for done, total in thread_run(groups, work, lambda *_: None, n_slices):
         yield (total + done) // 2, total
-    omega = unpack(sums[:, 1 : 1 + p], k) * (n / (n - k))
-    inv = design.gram_inv
-    return sums[:, 0], inv @ omega @ inv
+    omega = sums[:, 1 : 1 + p]
+    return sums[:, 0], sandwich(omega, design.gram_inv, design.n_pixels)
 
 
 def _fit_slices(stack, design: Design, spec: NoiseSpec, kernel, groups):
