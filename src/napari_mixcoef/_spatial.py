@@ -86,9 +86,7 @@ def noise_correlation(
         inner[...] = r
     slice_axes = tuple(range(1, len(size) + 1))
     spectrum = sfft.rfftn(padded, axes=slice_axes, overwrite_x=True)
-    flat = spectrum.view(np.float32).reshape(len(r), -1)  # re, im pairs
-    power = np.einsum('ij,ij->j', flat, flat).reshape(-1, 2).sum(axis=1)
-    power = power.reshape(spectrum.shape[1:])
+    power = (spectrum.real**2 + spectrum.imag**2).sum(axis=0)
     window, pairs = _lag_grid(mask, shape, lag, size)
     auto = sfft.irfftn(power, s=size, axes=image_axes)[window]
     auto = auto.astype(np.float64)
