@@ -7,12 +7,15 @@ intervals that cover the truth (a binomial standard error of 0.4 % for
 3000 slices, so the 93–97 % window is five of them wide).
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 from scipy import ndimage
 
 from napari_mixcoef import fit_stack, reference_diagnostics
+from napari_mixcoef._spatial import noise_correlation
 
 N = 3000
 SHAPE = (32, 32)
@@ -72,6 +75,55 @@ def test_optics_correlated_noise_needs_auto():
     centre = tuple(s // 2 for s in kernel.shape)
     # correlation of white noise blurred by σ = 1 at one pixel: e^(-1/4)
     assert_allclose(kernel[centre[0], centre[1] + 1], np.exp(-0.25), atol=0.03)
+
+
+def brute_force_correlation(r, mask, max_lag=4):
+    """ρ(h) from every pair of fitted pixels at each lag, one lag at a time.
+
+    The definition :func:`noise_correlation` implements, without its
+    padding and offsets (for residuals that its clipping leaves alone).
+    """
+    shape = r.shape[1:]
+    lag = tuple(min(max_lag, s - 1) for s in shape)
+    inside = np.ones(shape) if mask is None else mask.astype(float)
+    sums = np.zeros(tuple(2 * h + 1 for h in lag))
+    pairs = np.zeros_like(sums)
+    for h in itertools.product(*(range(-m, m + 1) for m in lag)):
+        here = tuple(
+            slice(max(0, -d), s - max(0, d)) for d, s in zip(h, shape)
+        )
+        there = tuple(
+            slice(max(0, d), s + min(0, d)) for d, s in zip(h, shape)
+        )
+        at = tuple(m + d for m, d in zip(lag, h))
+        sums[at] = np.sum(r[(slice(None), *here)] * r[(slice(None), *there)])
+        pairs[at] = len(r) * np.sum(inside[here] * inside[there])
+    rho = sums / pairs / (sums[lag] / pairs[lag])
+    rho[np.abs(rho) < 3 / np.sqrt(pairs)] = 0.0
+    rho[lag] = 1.0
+    return rho
+
+
+@pytest.mark.parametrize('kernel', ['compiled', 'numpy'])
+@pytest.mark.parametrize('shape', [(70,), (23, 31), (6, 9, 7)])
+@pytest.mark.parametrize('masked', [False, True])
+def test_noise_correlation_sums_every_pair_once(
+    monkeypatch, kernel, shape, masked
+):
+    if kernel == 'numpy':
+        monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+    rng = np.random.default_rng(11)
+    # uniform noise within ±1, each value averaged with its neighbour
+    # along the last axis: within ±1, below the clip at 4 robust sigmas
+    # (~1.7), and correlated at one lag
+    white = rng.uniform(-1, 1, (5, *shape))
+    r = ndimage.uniform_filter1d(white, size=2, axis=-1)
+    mask = rng.random(shape) > 0.3 if masked else None
+    if masked:
+        r[:, ~mask] = 0.0
+    want = brute_force_correlation(r, mask)
+    assert np.count_nonzero(want) > 1  # the smoothing shows at lag 1
+    assert_allclose(noise_correlation(r, mask), want, rtol=1e-12, atol=1e-14)
 
 
 def test_poisson_counts_cover_with_auto_for_every_estimator():

@@ -198,6 +198,39 @@ def exact_terms(y, centre, mean, u1, coef, terms, segs, out) -> None:
     _compiled('exact_terms')(y, centre, mean, u1, coef, terms, segs, out)
 
 
+def lag_products(buf, n, offsets) -> np.ndarray | None:
+    """``Σ_{p<n} buf[p]·buf[p+o]`` for each offset ``o``, or None.
+
+    The lag sums of :func:`napari_mixcoef._spatial.noise_correlation` in
+    one compiled call (None without numba: the caller then uses BLAS).
+    ``buf`` (float32 or float64) is zero from ``n`` on and holds at least
+    ``max(offsets) + 8`` elements past it; ``offsets`` ascending.  Each
+    band's sums are in ``buf``'s dtype, their totals in float64.
+    """
+    func = _compiled('lag_products')
+    if func is None:
+        return None
+    key = offsets.tobytes()
+    if key not in _LAG_GROUPS:
+        # offsets in groups of nine neighbours, each group from one start
+        starts = []
+        for o in offsets:
+            if not starts or o > starts[-1] + 8:
+                starts.append(int(o))
+        starts = np.array(starts, np.int64)
+        group = np.searchsorted(starts, offsets, side='right') - 1
+        if len(_LAG_GROUPS) >= 8:
+            _LAG_GROUPS.clear()
+        _LAG_GROUPS[key] = starts, group * 9 + offsets - starts[group]
+    starts, pick = _LAG_GROUPS[key]
+    out = np.zeros((len(starts), 9))
+    func(buf, n, starts, out)
+    return out.reshape(-1)[pick]
+
+
+_LAG_GROUPS: dict = {}  # offsets' bytes -> (starts, flat picks)
+
+
 def jit(func, flags=FLAGS):
     """Return ``func`` compiled by numba (made once), or None without it.
 

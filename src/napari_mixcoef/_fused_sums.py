@@ -213,3 +213,40 @@ def exact_terms(  # pragma: no cover - compiled
             out[i, 4] += a4
             out[i, 5] += a5
             out[i, 6] += a6
+
+
+def lag_products(a, n, starts, out):  # pragma: no cover - compiled
+    """Add ``Σ_{p<n} a[p]·a[p + s + m]``, m = 0..8, into ``out[g, m]``.
+
+    For each start ``s = starts[g]``: nine neighbouring offsets share each
+    load of ``a[p]``.  ``a`` holds at least ``n + max(starts) + 8``
+    elements, zero past ``n``.  Band by band of 2048 elements (16 KiB), all
+    starts in each, so that the reads come from L1.
+    """
+    z = a.dtype.type(0)
+    for b0 in range(0, n, 2048):
+        b1 = min(b0 + 2048, n)
+        for g in range(starts.shape[0]):
+            o = starts[g]
+            x, y = a[b0:b1], a[b0 + o : b1 + o + 8]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = z
+            for p in range(b1 - b0):  # from 0: the loop vectorizes
+                v = x[p]
+                s0 += v * y[p]
+                s1 += v * y[p + 1]
+                s2 += v * y[p + 2]
+                s3 += v * y[p + 3]
+                s4 += v * y[p + 4]
+                s5 += v * y[p + 5]
+                s6 += v * y[p + 6]
+                s7 += v * y[p + 7]
+                s8 += v * y[p + 8]
+            out[g, 0] += s0
+            out[g, 1] += s1
+            out[g, 2] += s2
+            out[g, 3] += s3
+            out[g, 4] += s4
+            out[g, 5] += s5
+            out[g, 6] += s6
+            out[g, 7] += s7
+            out[g, 8] += s8
