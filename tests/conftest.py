@@ -6,7 +6,7 @@ import pytest
 def compiled_kernels():
     """Compile numba's kernels once, before any test runs.
 
-    On a fresh checkout that takes ~20 s; without this, the first tests
+    On a fresh checkout that takes ~30 s; without this, the first tests
     that fit (or the widget's background warm-up racing a GUI test) would
     pay it inside their own time limits.  Later runs load the cache.
     """

@@ -333,3 +333,36 @@ def test_block_sums_of_any_row_count(dtype, hac):
         # the columns the kernel does not own stay untouched
         left = [c for c in range(8) if c not in want]
         assert not out[:, left].any()
+
+
+def test_warm_up_leaves_nothing_to_compile():
+    """After the widget's warm-up no fit it offers compiles a kernel.
+
+    numba holds the GIL while it compiles: a kernel first compiled by a fit
+    freezes the window for seconds (13 s for the first Poisson fit after
+    installing, when the warm-up skipped the per-slice kernel).
+    """
+    _fused.warm_up()
+
+    def signatures():
+        jitted = _fused._JITTED.values()
+        return {f.py_func: len(f.signatures) for f in jitted if f is not None}
+
+    assert signatures(), 'numba compiled nothing'
+    rng = np.random.default_rng(3)
+    a, b = rng.random((2, 20, 24)) * 100 + 100
+    for dtype in (np.uint16, np.float32):
+        stack = (rng.random((6, 20, 24)) * 100 + 50).astype(dtype)
+        for model in ('mix', 'scaled', 'offset'):
+            for noise in ('gaussian', 'poisson', 'huber'):
+                for stderr in ('auto', 'ols'):
+                    before = signatures()
+                    fit_stack(
+                        stack, a, b, model=model, noise=noise, stderr=stderr
+                    )
+                    new = {
+                        f.__name__: n - before.get(f, 0)
+                        for f, n in signatures().items()
+                        if n != before.get(f, 0)
+                    }
+                    assert not new, (dtype, model, noise, stderr, new)

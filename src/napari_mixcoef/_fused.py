@@ -78,11 +78,13 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
     """Import numba and compile (or load from its cache) the default fits.
 
     Runs tiny fits of each dtype, with robust and textbook errors, so that
-    every kernel they use (the sums here, the per-slice fit that estimates
-    the noise's correlation, the residual pass of robust errors for the
-    scaled and offset models) is ready.  Costs a few seconds the first time
-    in a process; the widget calls it in a background thread so the first
-    fit does not pay for it.
+    every kernel they use (the sums here, the lag sums of the noise's
+    correlation, the residual pass of robust errors for the scaled and
+    offset models, the per-slice fit of the Poisson and Huber models) is
+    ready.  Costs a few seconds the first time in a process; the widget
+    calls it in a background thread so the first fit does not pay for it
+    (compiling holds the GIL: the first Poisson fit after installing froze
+    the window for 13 s when this skipped it).
     """
     if _kernel() is None:
         return
@@ -97,6 +99,7 @@ def warm_up(dtypes=(np.uint16, np.float32)) -> None:
             for stderr in ('auto', 'ols'):
                 fit_stack(stack, a, b, stderr=stderr)
         fit_stack(noisy, a, b, model='scaled')
+        fit_stack(noisy, a, b, noise='poisson')  # Huber shares its kernel
 
 
 def segments(mask: np.ndarray, run: int = _RUN) -> np.ndarray:
