@@ -14,7 +14,7 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy import ndimage
 
-from napari_mixcoef import fit_stack, reference_diagnostics
+from napari_mixcoef import _fused, fit_stack, reference_diagnostics
 from napari_mixcoef._spatial import noise_correlation
 
 N = 3000
@@ -112,6 +112,8 @@ def test_noise_correlation_sums_every_pair_once(
 ):
     if kernel == 'numpy':
         monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
+    # the executor asked for is the one that runs
+    assert (_fused._compiled('lag_products') is None) == (kernel == 'numpy')
     rng = np.random.default_rng(11)
     # uniform noise within ±1, each value averaged with its neighbour
     # along the last axis: within ±1, below the clip at 4 robust sigmas
