@@ -228,12 +228,32 @@ def _model_into(delta: NDArray, bd: BlockDesign, out: NDArray) -> NDArray:
     return np.dot(delta, bd.design_t, out=out)
 
 
+def block_residuals(
+    yc: NDArray, bd: BlockDesign, delta: NDArray | None = None
+) -> NDArray[np.float64]:
+    """Residuals ``y_c − D δ`` of each slice, (m, n) float64.
+
+    ``delta`` (m, k): the coefficients; None: least squares.
+    """
+    if delta is None:
+        _, delta = _normal_equations(yc, bd)
+    resid = _model_into(delta, bd, np.empty(yc.shape))
+    return np.subtract(yc, resid, out=resid)
+
+
+def _normal_equations(yc: NDArray, bd: BlockDesign) -> tuple[NDArray, NDArray]:
+    """Return ``h = (u1ᵀy, u2ᵀy, Σy)`` (m, 3) and least-squares δ (m, k).
+
+    One small GEMM with the avg/diff basis gives all of ``h``.
+    """
+    h = np.dot(yc, bd.basis_t).astype(np.float64)
+    return h, (h @ bd.transform) @ bd.gram_inv
+
+
 def _fit_block(yc: NDArray, bd: BlockDesign, spec: NoiseSpec) -> NDArray:
     m = yc.shape[0]
     k, n = bd.k, bd.n_pixels
-    # one small GEMM with the avg/diff basis gives Dᵀy, Σy and u2ᵀy
-    h = np.dot(yc, bd.basis_t).astype(np.float64)  # (m, 3)
-    delta = (h @ bd.transform) @ bd.gram_inv
+    h, delta = _normal_equations(yc, bd)
     # a few scratch arrays of the block's size serve every step in place
     work = _scratch('work', yc)
     weights = None

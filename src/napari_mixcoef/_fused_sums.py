@@ -180,7 +180,6 @@ def exact_terms(  # pragma: no cover - compiled
         b1 = min(b0 + per_band, n_seg)
         for i in range(rows):
             c0, c1, c2 = wt(coef[i, 0]), wt(coef[i, 1]), wt(coef[i, 2])
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = 0.0
             for g in range(b0, b1):
                 p0, p1 = segs[g, 0], segs[g, 1]
                 ys, cs, us = y[i, p0:p1], centre[p0:p1], u1[p0:p1]
@@ -199,20 +198,9 @@ def exact_terms(  # pragma: no cover - compiled
                     s5 += rr * t4[p]
                     s6 += rr * t5[p]
                 # a run's sums in the working dtype, the totals in float64
-                a0 += s0
-                a1 += s1
-                a2 += s2
-                a3 += s3
-                a4 += s4
-                a5 += s5
-                a6 += s6
-            out[i, 0] += a0
-            out[i, 1] += a1
-            out[i, 2] += a2
-            out[i, 3] += a3
-            out[i, 4] += a4
-            out[i, 5] += a5
-            out[i, 6] += a6
+                run = (s0, s1, s2, s3, s4, s5, s6)
+                for m in range(7):
+                    out[i, m] += run[m]
 
 
 def lag_products(a, n, starts, out):  # pragma: no cover - compiled
@@ -241,12 +229,6 @@ def lag_products(a, n, starts, out):  # pragma: no cover - compiled
                 s6 += v * y[p + 6]
                 s7 += v * y[p + 7]
                 s8 += v * y[p + 8]
-            out[g, 0] += s0
-            out[g, 1] += s1
-            out[g, 2] += s2
-            out[g, 3] += s3
-            out[g, 4] += s4
-            out[g, 5] += s5
-            out[g, 6] += s6
-            out[g, 7] += s7
-            out[g, 8] += s8
+            band = (s0, s1, s2, s3, s4, s5, s6, s7, s8)
+            for m in range(9):
+                out[g, m] += band[m]

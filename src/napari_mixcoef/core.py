@@ -60,6 +60,7 @@ from ._design import MODELS, Design, check_stack, diagnose, prepare
 from ._estimators import (
     BlockDesign,
     NoiseSpec,
+    block_residuals,
     check_spec,
     fit_block,
     sandwich,
@@ -73,12 +74,7 @@ from ._kernel import (
     one_blas_thread,
     thread_run,
 )
-from ._spatial import (
-    noise_correlation,
-    pair_index,
-    sandwich_terms,
-    smoothed,
-)
+from ._spatial import noise_correlation, pair_index, sandwich_terms, smoothed
 
 __all__ = [
     'MODELS',
@@ -458,20 +454,13 @@ def _noise_kernel(
         {(n_slices - 1) * i // max(count - 1, 1) for i in range(count)}
     )
     yc = kernel.centred_slices(picks)
-    k = bd.k
-    columns = bd.design_t.astype(np.float64, copy=False)
     with np.errstate(invalid='ignore', over='ignore'):  # NaN: below
-        if spec.noise == 'gaussian':
-            # least squares from the normal equations, as the sums do: a
-            # few small products instead of fit_block's whole statistics
-            h = np.dot(yc, bd.basis_t).astype(np.float64)
-            delta = (h @ bd.transform) @ bd.gram_inv
-        else:
-            delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, :k]
-        # a broadcast product for one coefficient (a GEMM with an inner
-        # dimension of 1 is 3× slower), then the residuals in place
-        resid = delta * columns[0] if k == 1 else delta @ columns
-        np.subtract(yc, resid, out=resid)
+        # least squares as the sums fit (no need of fit_block's whole
+        # statistics), else the fit's own estimator
+        delta = None
+        if spec.noise != 'gaussian':
+            delta = fit_block(yc, bd, replace(spec, stderr='ols'))[:, : bd.k]
+        resid = block_residuals(yc, bd, delta)
     finite = np.isfinite(resid).all(axis=1)
     if not finite.all():
         bad = int(picks[np.flatnonzero(~finite)[0]])
