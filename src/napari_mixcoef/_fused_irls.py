@@ -352,7 +352,7 @@ def _fit_rows(
         dt = cast[0]
         ssr = 0.0
         meat = 0.0  # Σψr, Σψ², Σψ²t or Σr²t
-        count = 0  # Huber's inliers
+        count = 0.0  # Huber's inliers (an integer count)
         if noise == 1:
             cast[1] = previous  # the weights of the last iteration
             dw = cast[1]
@@ -390,7 +390,6 @@ def _fit_rows(
                 s0 = zero
                 s1 = zero
                 s2 = zero
-                c = 0
                 if auto:  # bread: Σ ψ'·D² over the inliers
                     for p in range(b - a):
                         dp = ds[p]
@@ -402,7 +401,7 @@ def _fit_rows(
                         s0 += r * r
                         s1 += (psi * psi) * ts[p]
                         s2 += (dp * dp) if size <= clip else zero
-                else:
+                else:  # the inliers counted in T, exact up to 2**24
                     for p in range(b - a):
                         r = ys[p] - dt * ds[p]
                         size = abs(r)
@@ -411,11 +410,13 @@ def _fit_rows(
                         psi = zero if size > gross else psi
                         s0 += r * r
                         s1 += psi * psi
-                        c += 1 if size <= clip else 0
+                        s2 += one if size <= clip else zero
                 ssr += s0
                 meat += s1
-                bread += s2
-                count += c
+                if auto:
+                    bread += s2
+                else:
+                    count += s2
         else:
             for j in range(runs.shape[0]):
                 a, b = runs[j, 0], runs[j, 1]
