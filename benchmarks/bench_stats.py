@@ -4,9 +4,12 @@ Run: ``python benchmarks/bench_stats.py [--slices N]``.
 
 1. Cost on a 2000×256×256 uint16 stack of every noise model and error mode,
    relative to least squares with textbook errors (the one-pass sums) and
-   to least squares with the same error mode; best of 3 interleaved rounds
-   in one process.  Target: Poisson and Huber (3 IRLS iterations) ≤ 6×
-   OLS with the same errors.
+   to least squares with the same error mode; best of 5 interleaved rounds
+   in one process, each call after a 0.2 s pause (as bench_fit's).  Two
+   more rounds cost a few seconds; with three, one burst of load from
+   another process on this shared machine could set a mode's best.
+   Target: Poisson and Huber (3 IRLS iterations) ≤ 6× OLS with the same
+   errors.
 2. Seeded Monte-Carlo on 3000 slices of 32×32 (the settings of
    ``tests/test_statistics.py``): coverage of the 95 % intervals for white,
    Poisson and PSF-correlated noise with textbook and robust ("auto")
@@ -23,6 +26,10 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mixcoef import fit_stack
+
+#: Interleaved rounds of the cost table, and the pause before each call.
+ROUNDS = 5
+SETTLE = 0.2
 
 MODES = [
     ('gaussian', 'ols'),
@@ -46,12 +53,13 @@ def cost(n_slices: int) -> None:
         stack[i : i + 100] = rng.poisson(mean)
     print(
         f'== cost: {stack.shape} {stack.dtype} '
-        f'({stack.nbytes / 1e6:.0f} MB), best of 3 =='
+        f'({stack.nbytes / 1e6:.0f} MB), best of {ROUNDS} =='
     )
     fit_stack(stack[:8], a, b)  # warm-up
     times = {}
-    for _ in range(3):  # interleaved rounds, best of each
+    for _ in range(ROUNDS):  # interleaved rounds, best of each
         for noise, mode in MODES:
+            time.sleep(SETTLE)
             t0 = time.perf_counter()
             fit_stack(stack, a, b, noise=noise, stderr=mode)
             t = time.perf_counter() - t0
