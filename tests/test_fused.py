@@ -9,7 +9,7 @@ the dtypes, masks, bands and error modes the kernel sees.
 import dask.array as da
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from napari_mixcoef import _fused, fit_stack
 
@@ -298,6 +298,29 @@ def test_numpy_kernel_bands_with_a_mask(monkeypatch):
     whole = fit_stack(stack, a, b, mask=mask, stderr='ols')
     bands = fit_stack(stack, a, b, mask=mask, stderr='ols', chunk_bytes=1500)
     assert_same(bands, whole, F32)
+
+
+@pytest.mark.parametrize('kind', ['all', 'none', 'random', 'edges'])
+@pytest.mark.parametrize('n_px', [0, 1, 511, 512, 513, 1500])
+def test_segments_are_the_fitted_pixels_in_runs(kind, n_px):
+    # every fitted pixel in exactly one run, none crossing a multiple of the
+    # run length, none masked; the all-fitted case comes from a cache
+    rng = np.random.default_rng(n_px)
+    mask = {
+        'all': np.ones(n_px, bool),
+        'none': np.zeros(n_px, bool),
+        'random': rng.random(n_px) > 0.3,
+        'edges': np.arange(n_px) % 512 != 511,
+    }[kind]
+    for _ in range(2):  # the second call of a size is the cached one
+        segs = _fused.segments(mask, 512)
+        assert segs.dtype == np.int64 and segs.shape[1] == 2
+        covered = np.zeros(n_px, int)
+        for a, b in segs:
+            assert a < b and a // 512 == (b - 1) // 512
+            covered[a:b] += 1
+        assert_array_equal(covered, mask.astype(int))
+        segs[:] = 0  # a caller's changes do not reach the cache
 
 
 @pytest.mark.parametrize('dtype', [np.float64, np.float32, np.uint16])
