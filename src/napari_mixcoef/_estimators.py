@@ -15,6 +15,7 @@ coefficients relative to those of ``M``; the model image is ``M + Dδ``.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -73,16 +74,16 @@ def check_spec(spec: NoiseSpec) -> None:
         raise ValueError(
             f'unknown stderr {spec.stderr!r}; choose "auto" or "ols"'
         )
-    if not (np.isfinite(spec.gain) and spec.gain > 0):
+    if not (math.isfinite(spec.gain) and spec.gain > 0):
         raise ValueError(
             f'gain must be a positive number of counts per photon, not '
             f'{spec.gain!r}'
         )
-    if not np.isfinite(spec.camera_offset):
+    if not math.isfinite(spec.camera_offset):
         raise ValueError(
             f'camera_offset must be finite, not {spec.camera_offset!r}'
         )
-    if not (np.isfinite(spec.read_noise) and spec.read_noise >= 0):
+    if not (math.isfinite(spec.read_noise) and spec.read_noise >= 0):
         raise ValueError(
             f'read_noise must be >= 0 photons, not {spec.read_noise!r}'
         )

@@ -74,8 +74,12 @@ class Kernel:
         # (M outside the mask, inf or NaN from a reference there, is never
         # read: the kernels visit the runs of fitted pixels only)
         centre = d.centre.reshape(-1)
-        # u2 = M − mean (as prepare() rounds it, to within an ulp of M)
-        mean = d.dtype.type(centre.astype(np.float64)[mask].mean())
+        # u2 = M − mean (as prepare() rounds it, to within an ulp of M);
+        # the mean as np.mean forms it, a sum over n
+        fitted = centre.astype(np.float64)
+        if d.mask is not None:
+            fitted = fitted[mask]
+        mean = d.dtype.type(fitted.sum() / fitted.size)
         self._vectors = [
             np.ascontiguousarray(centre),
             mean,
