@@ -376,3 +376,27 @@ def test_fits_in_several_threads_leave_blas_threads_as_found():
         fits = list(pool.map(lambda _: fit_stack(stack, a, b), range(9)))
     assert blas_threads() == before
     assert all(np.array_equal(f.x, fits[0].x) for f in fits)
+
+
+def test_blas_is_on_one_thread_while_a_fit_runs(monkeypatch):
+    import threadpoolctl
+
+    from napari_mixcoef import _kernel
+
+    def blas_threads():
+        info = threadpoolctl.threadpool_info()
+        return [i['num_threads'] for i in info if i['user_api'] == 'blas']
+
+    stack, a, b, x = make_stack(lead=(30,), noise=2.0)
+    seen = []
+    inner = _kernel.Kernel.accumulate
+
+    def accumulate(self, block, out):
+        seen.append(blas_threads())
+        return inner(self, block, out)
+
+    monkeypatch.setattr(_kernel.Kernel, 'accumulate', accumulate)
+    before = blas_threads()
+    fit_stack(stack, a, b, stderr='ols')
+    assert seen and all(t == [1] * len(before) for t in seen)
+    assert blas_threads() == before

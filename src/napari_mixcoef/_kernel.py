@@ -378,22 +378,23 @@ def _n_threads() -> int:
 
 
 _POOL: ThreadPoolExecutor | None = None
-_BLAS = None
+_BLAS: list = []  # threadpoolctl's controllers of the loaded BLAS libraries
 _POOL_LOCK = threading.Lock()
 
 
 def pool_and_blas():
-    """Return the shared chunk threads and BLAS controller (made once).
+    """Return the shared chunk threads and BLAS libraries' controllers.
 
-    Starting threads and scanning the loaded libraries for BLAS take
-    longer than fitting a small stack, so both are kept between fits.
+    Made once: starting threads and scanning the loaded libraries for BLAS
+    take longer than fitting a small stack.
     """
     global _POOL, _BLAS
     with _POOL_LOCK:
         if _POOL is None:
             from threadpoolctl import ThreadpoolController
 
-            _BLAS = ThreadpoolController()
+            controller = ThreadpoolController().select(user_api='blas')
+            _BLAS = controller.lib_controllers
             _POOL = ThreadPoolExecutor(
                 _n_threads(), thread_name_prefix='mixcoef'
             )
@@ -401,7 +402,7 @@ def pool_and_blas():
 
 
 _LIMIT_USERS = 0
-_LIMIT = None
+_RESTORE: list = []  # (BLAS library, its threads when the first fit began)
 
 
 @contextlib.contextmanager
@@ -412,16 +413,22 @@ def one_blas_thread():
     oversubscribe the cores, and after any multi-threaded BLAS call (even a
     small one while preparing the references) OpenBLAS's idle threads spin
     for about 0.1 s, taking the cores from the chunk threads (measured: a
-    fit 1.5× slower).  With the controller made once, entering and leaving
-    costs tens of µs.  Fits running at once (in several threads) share one
-    limit, lifted when the last one ends: each restoring what it found
-    would leave BLAS on one thread for good.
+    fit 1.5× slower).  Only the thread counts are read and set:
+    threadpoolctl's ``limit()`` first gathers every library's whole
+    description, which cost ~0.15 ms of each fit with caches cold.  Fits
+    running at once (in several threads) share one limit, lifted when the
+    last one ends: each restoring what it found would leave BLAS on one
+    thread for good.
     """
-    global _LIMIT_USERS, _LIMIT
-    _, controller = pool_and_blas()
+    global _LIMIT_USERS
+    _, blas = pool_and_blas()
     with _POOL_LOCK:
         if _LIMIT_USERS == 0:
-            _LIMIT = controller.limit(limits=1, user_api='blas')
+            for lib in blas:
+                threads = lib.num_threads
+                if threads != 1:
+                    lib.set_num_threads(1)
+                    _RESTORE.append((lib, threads))
         _LIMIT_USERS += 1
     try:
         yield
@@ -429,8 +436,9 @@ def one_blas_thread():
         with _POOL_LOCK:
             _LIMIT_USERS -= 1
             if _LIMIT_USERS == 0:
-                _LIMIT.restore_original_limits()
-                _LIMIT = None
+                for lib, threads in _RESTORE:
+                    lib.set_num_threads(threads)
+                _RESTORE.clear()
 
 
 def thread_run(
