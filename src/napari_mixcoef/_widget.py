@@ -86,6 +86,14 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
         sys.setswitchinterval(interval)
 
 
+def _steps_of(fit):
+    """Yield the steps of the generator ``fit``, return its value.
+
+    The widget makes ``fit`` itself, to close it when the worker stops.
+    """
+    return (yield from fit)
+
+
 class FitFailed(Exception):
     """A fit failed in the worker thread (see :func:`_fit_in_thread`)."""
 
@@ -448,6 +456,7 @@ class MixcoefWidget(Container):
             self._show_status(problem, error=True)
             return
         from napari.qt.threading import create_worker
+        from qtpy.QtCore import Qt
 
         stack, ref1, ref2 = (
             self.stack.value,
@@ -458,15 +467,24 @@ class MixcoefWidget(Container):
         self._inputs = (stack, ref1, ref2, mask)
         self._cancel_reason = ''
         self._answered = False  # by returned, errored or aborted
-        worker = create_worker(
-            _fit_in_thread,
+        fit = _fit_in_thread(
             stack.data,
             ref1.data,
             ref2.data,
             None if mask is None else mask.data,
             self.options(),
-            _start_thread=False,
-            _ignore_errors=True,
+        )
+        worker = create_worker(
+            _steps_of, fit, _start_thread=False, _ignore_errors=True
+        )
+        # A worker told to quit (Cancel, a removed layer, napari closing)
+        # stops resuming the fit but leaves it suspended: it kept its BLAS
+        # thread limit, chunk threads and arrays until garbage collection,
+        # which after a removed layer or a closed viewer never came (numpy
+        # stayed on one BLAS thread).  Close it at once, in the worker's
+        # thread, which sends `aborted` with the fit paused between steps.
+        worker.aborted.connect(
+            fit.close, type=Qt.ConnectionType.DirectConnection
         )
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)

@@ -28,20 +28,30 @@ def big_viewer(make_napari_viewer, monkeypatch):
     """A viewer with a 3000-slice stack whose fit pauses after one step.
 
     The compiled kernels fit it in ~0.1 s: too fast to act mid-run without
-    the pause.
+    the pause.  The third value records each fit of that stack as it
+    starts, and the BLAS thread counts as it ends or is closed (never, for
+    a fit left suspended).
     """
     import time
 
     from napari_mixcoef import core
 
     steps = core._fit_steps
+    fits = {'started': [], 'ended': []}
 
     def paused(stack, *args, **kwargs):
         gen = steps(stack, *args, **kwargs)
-        yield next(gen)
-        if len(stack) == 3000:  # not the widget's own warm-up fits
-            time.sleep(0.5)  # the test acts on the GUI thread meanwhile
-        return (yield from gen)
+        if len(stack) == 3000:
+            fits['started'].append(True)
+        try:
+            yield next(gen)
+            if len(stack) == 3000:  # not the widget's own warm-up fits
+                time.sleep(0.5)  # the test acts on the GUI thread meanwhile
+            return (yield from gen)
+        finally:
+            gen.close()
+            if len(stack) == 3000:
+                fits['ended'].append(blas_threads())
 
     monkeypatch.setattr(core, '_fit_steps', paused)
     viewer = make_napari_viewer()
@@ -54,7 +64,23 @@ def big_viewer(make_napari_viewer, monkeypatch):
     _, widget = viewer.window.add_plugin_dock_widget(
         PLUGIN, 'Mixing coefficients'
     )
-    return viewer, widget
+    return viewer, widget, fits
+
+
+def blas_threads() -> list[int]:
+    import threadpoolctl
+
+    info = threadpoolctl.threadpool_info()
+    return [i['num_threads'] for i in info if i['user_api'] == 'blas']
+
+
+def assert_fits_closed(qtbot, fits, before):
+    # a stopped fit is closed in its thread, not left suspended: BLAS has
+    # its threads back (a suspended fit kept numpy on one)
+    qtbot.waitUntil(
+        lambda: len(fits['ended']) == len(fits['started']), timeout=10_000
+    )
+    assert fits['ended'] == [before] * len(fits['started'])
 
 
 def run_and_wait(qtbot, widget, timeout=60_000):
@@ -136,8 +162,10 @@ def test_rerun_replaces_output(sample_viewer, qtbot):
 
 
 def test_cancel_leaves_nothing(big_viewer, qtbot):
-    viewer, w = big_viewer
+    # Cancel at once: the worker may quit before the fit's first step
+    viewer, w, fits = big_viewer
     assert w.stack.value.name == 'big'
+    before = blas_threads()
     with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
         w.run.native.click()
         w.cancel.native.click()
@@ -145,16 +173,22 @@ def test_cancel_leaves_nothing(big_viewer, qtbot):
     assert 'cancelled' in w.status.value
     assert [layer.name for layer in viewer.layers] == ['A', 'B', 'big']
     qtbot.waitUntil(lambda: w.run.enabled, timeout=10_000)
+    assert_fits_closed(qtbot, fits, before)
 
 
 def test_removing_an_input_cancels(big_viewer, qtbot):
-    viewer, w = big_viewer
+    # removed while the fit is under way (in its pause)
+    viewer, w, fits = big_viewer
+    before = blas_threads()
     with qtbot.waitSignal(w.fit_finished, timeout=60_000) as blocker:
         w.run.native.click()
+        qtbot.waitUntil(lambda: bool(fits['started']), timeout=10_000)
         viewer.layers.remove('B')
     assert blocker.args[0] is None
     assert 'removed' in w.status.value
     assert [layer.name for layer in viewer.layers] == ['A', 'big']
+    assert fits['started']
+    assert_fits_closed(qtbot, fits, before)
 
 
 def test_a_stop_after_the_fit_ended_shows_nothing(sample_viewer, qtbot):
@@ -295,15 +329,18 @@ def test_two_leading_dims(make_napari_viewer, qtbot):
 
 
 def test_closing_the_viewer_mid_run_stops_the_fit(big_viewer, qtbot):
-    viewer, w = big_viewer
+    viewer, w, fits = big_viewer
+    before = blas_threads()
     w.run.native.click()
     worker = w._worker
     assert worker is not None
     finished = []
     worker.finished.connect(lambda: finished.append(True))
+    qtbot.waitUntil(lambda: bool(fits['started']), timeout=10_000)
     viewer.close()
     qtbot.waitUntil(lambda: bool(finished), timeout=30_000)
     assert worker.abort_requested
+    assert_fits_closed(qtbot, fits, before)
 
 
 def test_noise_options_diagnostics_and_basis(sample_viewer, qtbot):
