@@ -379,13 +379,15 @@ def test_fits_in_several_threads_leave_blas_threads_as_found():
 
 
 def test_blas_is_on_one_thread_while_a_fit_runs(monkeypatch):
-    import threadpoolctl
-
+    # the BLAS libraries loaded when the first fit ran (numpy's among them,
+    # as numpy comes first): one thread each while the chunk threads work,
+    # as found after (a fit left suspended elsewhere broke both)
     from napari_mixcoef import _kernel
 
+    _, blas = _kernel.pool_and_blas()
+
     def blas_threads():
-        info = threadpoolctl.threadpool_info()
-        return [i['num_threads'] for i in info if i['user_api'] == 'blas']
+        return [lib.num_threads for lib in blas]
 
     stack, a, b, x = make_stack(lead=(30,), noise=2.0)
     seen = []
@@ -397,6 +399,7 @@ def test_blas_is_on_one_thread_while_a_fit_runs(monkeypatch):
 
     monkeypatch.setattr(_kernel.Kernel, 'accumulate', accumulate)
     before = blas_threads()
+    assert before
     fit_stack(stack, a, b, stderr='ols')
     assert seen and all(t == [1] * len(before) for t in seen)
     assert blas_threads() == before

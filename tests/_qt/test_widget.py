@@ -68,10 +68,10 @@ def big_viewer(make_napari_viewer, monkeypatch):
 
 
 def blas_threads() -> list[int]:
-    import threadpoolctl
+    """Threads of the BLAS libraries that fits limit (numpy's among them)."""
+    from napari_mixcoef import _kernel
 
-    info = threadpoolctl.threadpool_info()
-    return [i['num_threads'] for i in info if i['user_api'] == 'blas']
+    return [lib.num_threads for lib in _kernel.pool_and_blas()[1]]
 
 
 def assert_fits_closed(qtbot, fits, before):
