@@ -8,6 +8,7 @@ a lazy residual layer and the coefficient plot dock.  All numerics live in
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -69,21 +70,46 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
     if mask is not None:
         mask = as_numpy(mask) != 0
-    # The chunk threads run short Python steps between numpy calls; with
-    # the default 5 ms GIL switch interval the GUI thread then waits up to
-    # 5 ms for each of the many GIL hand-offs of one repaint.
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 0.0005))
     try:
-        fit = yield from _fit_steps(stack, ref1, ref2, mask=mask, **options)
-        return fit, residuals(stack, ref1, ref2, fit)
+        with _short_switch_interval():
+            fit = yield from _fit_steps(
+                stack, ref1, ref2, mask=mask, **options
+            )
+            return fit, residuals(stack, ref1, ref2, fit)
     except RuntimeError as err:
         # superqt ends a generator worker that raises a RuntimeError
         # without any signal (it takes it for a deleted Qt object): the run
         # would never end.  Any other exception type reaches `errored`.
         raise FitFailed(str(err)) from err
+
+
+_SWITCH_LOCK = threading.Lock()
+_SWITCH = {'users': 0, 'interval': 0.0}
+
+
+@contextlib.contextmanager
+def _short_switch_interval():
+    """Context: a 0.5 ms GIL switch interval while fits run.
+
+    The chunk threads run short Python steps between numpy calls; with
+    the default 5 ms interval the GUI thread then waits up to 5 ms for
+    each of the many GIL hand-offs of one repaint.  Fits running at once
+    (several widgets) share it, and the last one out restores the
+    interval the first one found: each restoring its own would leave
+    0.5 ms for good when they end out of order.
+    """
+    with _SWITCH_LOCK:
+        if _SWITCH['users'] == 0:
+            _SWITCH['interval'] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_SWITCH['interval'], 0.0005))
+        _SWITCH['users'] += 1
+    try:
+        yield
     finally:
-        sys.setswitchinterval(interval)
+        with _SWITCH_LOCK:
+            _SWITCH['users'] -= 1
+            if _SWITCH['users'] == 0:
+                sys.setswitchinterval(_SWITCH['interval'])
 
 
 def _steps_of(fit):

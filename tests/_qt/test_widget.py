@@ -1,5 +1,6 @@
 """The dock widget in a real napari viewer (virtual display, no mocks)."""
 
+import sys
 import warnings
 
 import numpy as np
@@ -37,7 +38,7 @@ def big_viewer(make_napari_viewer, monkeypatch):
     from napari_mixcoef import core
 
     steps = core._fit_steps
-    fits = {'started': [], 'ended': []}
+    fits = {'started': [], 'ended': [], 'switch': sys.getswitchinterval()}
 
     def paused(stack, *args, **kwargs):
         gen = steps(stack, *args, **kwargs)
@@ -76,11 +77,31 @@ def blas_threads() -> list[int]:
 
 def assert_fits_closed(qtbot, fits, before):
     # a stopped fit is closed in its thread, not left suspended: BLAS has
-    # its threads back (a suspended fit kept numpy on one)
+    # its threads back (a suspended fit kept numpy on one) and Python its
+    # GIL switch interval
     qtbot.waitUntil(
         lambda: len(fits['ended']) == len(fits['started']), timeout=10_000
     )
     assert fits['ended'] == [before] * len(fits['started'])
+    qtbot.waitUntil(
+        lambda: sys.getswitchinterval() == fits['switch'], timeout=10_000
+    )
+
+
+def test_fits_ending_out_of_order_restore_the_switch_interval():
+    # two widgets' fits: the first to end must not restore the interval
+    # while the other runs, nor the last leave the short one behind
+    from napari_mixcoef._widget import _short_switch_interval
+
+    before = sys.getswitchinterval()
+    first, second = _short_switch_interval(), _short_switch_interval()
+    first.__enter__()
+    second.__enter__()
+    assert sys.getswitchinterval() == min(before, 0.0005)
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == min(before, 0.0005)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
 
 
 def run_and_wait(qtbot, widget, timeout=60_000):
