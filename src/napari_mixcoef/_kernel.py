@@ -401,13 +401,42 @@ def pool_and_blas():
     return _POOL, _BLAS
 
 
-_LIMIT_USERS = 0
-_RESTORE: list = []  # (BLAS library, its threads when the first fit began)
+class SharedSetting:
+    """A process-wide setting changed while any of several users runs.
+
+    ``with setting():`` around each user (a fit; fits may overlap in
+    several threads).  The first one in calls ``apply()``, which changes
+    the setting and returns what it replaced; the last one out passes that
+    to ``restore``.  Each user restoring what it found itself would leave
+    the setting changed for good when users end out of order.
+    """
+
+    def __init__(
+        self, apply: Callable[[], object], restore: Callable[[object], object]
+    ) -> None:
+        self._apply, self._restore = apply, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._apply()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore(self._saved)
+                    self._saved = None
 
 
-@contextlib.contextmanager
-def one_blas_thread():
-    """Context: BLAS on one thread while a fit runs.
+def _blas_on_one_thread() -> list:
+    """Put every BLAS library on one thread; return what to restore.
 
     The chunk threads are the parallelism: BLAS threads inside them would
     oversubscribe the cores, and after any multi-threaded BLAS call (even a
@@ -415,30 +444,25 @@ def one_blas_thread():
     for about 0.1 s, taking the cores from the chunk threads (measured: a
     fit 1.5× slower).  Only the thread counts are read and set:
     threadpoolctl's ``limit()`` first gathers every library's whole
-    description, which cost ~0.15 ms of each fit with caches cold.  Fits
-    running at once (in several threads) share one limit, lifted when the
-    last one ends: each restoring what it found would leave BLAS on one
-    thread for good.
+    description, which cost ~0.15 ms of each fit with caches cold.
     """
-    global _LIMIT_USERS
     _, blas = pool_and_blas()
-    with _POOL_LOCK:
-        if _LIMIT_USERS == 0:
-            for lib in blas:
-                threads = lib.num_threads
-                if threads != 1:
-                    lib.set_num_threads(1)
-                    _RESTORE.append((lib, threads))
-        _LIMIT_USERS += 1
-    try:
-        yield
-    finally:
-        with _POOL_LOCK:
-            _LIMIT_USERS -= 1
-            if _LIMIT_USERS == 0:
-                for lib, threads in _RESTORE:
-                    lib.set_num_threads(threads)
-                _RESTORE.clear()
+    found = []
+    for lib in blas:
+        threads = lib.num_threads
+        if threads != 1:
+            lib.set_num_threads(1)
+            found.append((lib, threads))
+    return found
+
+
+def _blas_restore(found: list) -> None:
+    for lib, threads in found:
+        lib.set_num_threads(threads)
+
+
+#: Context: BLAS on one thread while a fit runs (see _blas_on_one_thread).
+one_blas_thread = SharedSetting(_blas_on_one_thread, _blas_restore)
 
 
 def thread_run(

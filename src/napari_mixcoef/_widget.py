@@ -8,7 +8,6 @@ a lazy residual layer and the coefficient plot dock.  All numerics live in
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from magicgui.widgets import (
 from psygnal import Signal
 
 from ._estimators import NOISE_MODELS, STDERR_MODES
+from ._kernel import SharedSetting
 from .core import MODELS, reference_diagnostics
 
 if TYPE_CHECKING:
@@ -83,33 +83,22 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
         raise FitFailed(str(err)) from err
 
 
-_SWITCH_LOCK = threading.Lock()
-_SWITCH = {'users': 0, 'interval': 0.0}
-
-
-@contextlib.contextmanager
-def _short_switch_interval():
-    """Context: a 0.5 ms GIL switch interval while fits run.
+def _shorten_switch_interval() -> float:
+    """Set a 0.5 ms GIL switch interval; return the one it replaced.
 
     The chunk threads run short Python steps between numpy calls; with
     the default 5 ms interval the GUI thread then waits up to 5 ms for
-    each of the many GIL hand-offs of one repaint.  Fits running at once
-    (several widgets) share it, and the last one out restores the
-    interval the first one found: each restoring its own would leave
-    0.5 ms for good when they end out of order.
+    each of the many GIL hand-offs of one repaint.
     """
-    with _SWITCH_LOCK:
-        if _SWITCH['users'] == 0:
-            _SWITCH['interval'] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_SWITCH['interval'], 0.0005))
-        _SWITCH['users'] += 1
-    try:
-        yield
-    finally:
-        with _SWITCH_LOCK:
-            _SWITCH['users'] -= 1
-            if _SWITCH['users'] == 0:
-                sys.setswitchinterval(_SWITCH['interval'])
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    return interval
+
+
+#: Context: the short interval while fits run (shared by several widgets').
+_short_switch_interval = SharedSetting(
+    _shorten_switch_interval, sys.setswitchinterval
+)
 
 
 def _steps_of(fit):
