@@ -11,7 +11,7 @@ import zarr
 from numpy.testing import assert_allclose
 
 from napari_mixcoef import fit_stack, residuals
-from napari_mixcoef._cli import main
+from napari_mixcoef.cli import main
 
 from conftest import make_stack
 

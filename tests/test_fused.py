@@ -139,11 +139,11 @@ def test_robust_errors_of_more_coefficients_in_two_passes(
 def test_closing_the_fit_during_the_residual_pass():
     # the widget cancels by closing the fit's generator between steps: in
     # the second pass too, and the next fit is unaffected
-    from napari_mixcoef.core import _fit_steps
+    from napari_mixcoef.core import iter_fit
 
     stack, a, b, _ = make_stack(lead=(40,), shape=(40, 36), noise=5.0)
     stack = stack.astype(np.float32)
-    steps = _fit_steps(stack, a, b, model='scaled', chunk_bytes=4096)
+    steps = iter_fit(stack, a, b, model='scaled', chunk_bytes=4096)
     closed_at = None
     for done, total in steps:
         if done > total // 2:  # inside the residual pass

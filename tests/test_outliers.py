@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from napari_mixcoef import fit_stack
-from napari_mixcoef._outliers import find_outliers
+from napari_mixcoef.outliers import find_outliers
 
 
 def _smooth(n, seed=0, noise=0.003):

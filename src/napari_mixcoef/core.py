@@ -80,8 +80,10 @@ __all__ = [
     'MODELS',
     'MixFit',
     'fit_stack',
+    'iter_fit',
     'reference_diagnostics',
     'residuals',
+    'warm_up',
     'write_csv',
 ]
 
@@ -201,7 +203,7 @@ def write_csv(path: str | os.PathLike, columns: dict[str, ArrayLike]) -> None:
         writer.writerows(zip(*cells))
 
 
-def _fit_steps(
+def iter_fit(
     stack,
     ref1,
     ref2,
@@ -219,7 +221,8 @@ def _fit_steps(
 
     The generator form of :func:`fit_stack` (same arguments): a GUI worker
     yields each step to its event loop and can stop the fit between chunks
-    by closing the generator.  The :class:`MixFit` is its return value.
+    by closing the generator.  The :class:`MixFit` is its return value
+    (``fit = yield from iter_fit(...)``, or ``StopIteration.value``).
     """
     # BLAS on one thread throughout: see _kernel.one_blas_thread
     with one_blas_thread():
@@ -647,7 +650,7 @@ def fit_stack(
     >>> np.round(fit.x, 2)
     array([0.4, 0.5, 0.7])
     """
-    steps = _fit_steps(
+    steps = iter_fit(
         stack,
         ref1,
         ref2,
@@ -827,3 +830,15 @@ def reference_diagnostics(
         ``"n_pixels"``: pixels counted.
     """
     return diagnose(ref1, ref2, mask)
+
+
+def warm_up() -> None:
+    """Import numba and compile (or load) the kernels of the default fits.
+
+    Takes a few seconds the first time after installing, well under a
+    second later; call it in a background thread (as the widget does) so
+    that the first fit does not wait for it.  Does nothing without numba.
+    """
+    from . import _fused
+
+    _fused.warm_up()

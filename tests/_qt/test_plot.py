@@ -10,7 +10,7 @@ from matplotlib.colors import to_rgba
 from napari.utils.theme import get_theme
 
 from napari_mixcoef import fit_stack
-from napari_mixcoef._plot import CoefficientPlot
+from napari_mixcoef._qt.plot import CoefficientPlot
 
 INJECTED = (100, 200)
 DOCK_NAME = 'Mixing coefficients plot'

@@ -8,8 +8,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from napari_mixcoef import fit_stack
-from napari_mixcoef._sample_data import make_mixture
-from napari_mixcoef._widget import PLOT_DOCK_NAME
+from napari_mixcoef._qt.widget import PLOT_DOCK_NAME
+from napari_mixcoef.sample_data import make_mixture
 
 PLUGIN = 'napari-mixcoef'
 
@@ -37,7 +37,7 @@ def big_viewer(make_napari_viewer, monkeypatch):
 
     from napari_mixcoef import core
 
-    steps = core._fit_steps
+    steps = core.iter_fit
     fits = {'started': [], 'ended': [], 'switch': sys.getswitchinterval()}
 
     def paused(stack, *args, **kwargs):
@@ -54,7 +54,7 @@ def big_viewer(make_napari_viewer, monkeypatch):
             if len(stack) == 3000:
                 fits['ended'].append(blas_threads())
 
-    monkeypatch.setattr(core, '_fit_steps', paused)
+    monkeypatch.setattr(core, 'iter_fit', paused)
     viewer = make_napari_viewer()
     rng = np.random.default_rng(0)
     a, b = rng.random((2, 128, 128)).astype(np.float32) + 1
@@ -91,7 +91,7 @@ def assert_fits_closed(qtbot, fits, before):
 def test_fits_ending_out_of_order_restore_the_switch_interval():
     # two widgets' fits: the first to end must not restore the interval
     # while the other runs, nor the last leave the short one behind
-    from napari_mixcoef._widget import _short_switch_interval
+    from napari_mixcoef._qt.widget import _short_switch_interval
 
     before = sys.getswitchinterval()
     first, second = _short_switch_interval(), _short_switch_interval()
@@ -238,7 +238,7 @@ def test_a_cancel_during_the_last_step_ends_the_run(
     # neither `returned` nor `aborted`, only `finished`
     from napari_mixcoef import core
 
-    steps = core._fit_steps
+    steps = core.iter_fit
     viewer, w = sample_viewer
 
     def cancelled_at_the_end(stack, *args, **kwargs):
@@ -247,7 +247,7 @@ def test_a_cancel_during_the_last_step_ends_the_run(
             w._stop('cancelled')  # as the Cancel button, mid-step
         return fit
 
-    monkeypatch.setattr(core, '_fit_steps', cancelled_at_the_end)
+    monkeypatch.setattr(core, 'iter_fit', cancelled_at_the_end)
     n_layers = len(viewer.layers)
     assert run_and_wait(qtbot, w, timeout=20_000) is None
     assert 'cancelled' in w.status.value
@@ -468,7 +468,7 @@ def test_a_runtime_error_in_the_fit_ends_the_run(
     # signal; the widget must still end the run and say why
     from napari_mixcoef import core
 
-    steps = core._fit_steps
+    steps = core.iter_fit
 
     def broken(stack, *args, **kwargs):
         if len(stack) < 10:  # the widget's own warm-up fits
@@ -476,7 +476,7 @@ def test_a_runtime_error_in_the_fit_ends_the_run(
         yield 0, 1
         raise RuntimeError('pool shut down')
 
-    monkeypatch.setattr(core, '_fit_steps', broken)
+    monkeypatch.setattr(core, 'iter_fit', broken)
     viewer, w = sample_viewer
     with warnings.catch_warnings():
         # pytest turns warnings into errors, which would reach `errored`

@@ -25,14 +25,14 @@ from magicgui.widgets import (
 )
 from psygnal import Signal
 
-from ._estimators import NOISE_MODELS, STDERR_MODES
-from ._kernel import SharedSetting
-from .core import MODELS, reference_diagnostics
+from .._estimators import NOISE_MODELS, STDERR_MODES
+from .._kernel import SharedSetting
+from ..core import MODELS, reference_diagnostics
 
 if TYPE_CHECKING:
     import napari
 
-    from .core import MixFit
+    from ..core import MixFit
 
 #: Name of the coefficient plot dock (the contract asks for "plot").
 PLOT_DOCK_NAME = 'Mixing coefficients plot'
@@ -63,16 +63,16 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     # Import the plot module here, off the GUI thread: matplotlib's first
     # import takes most of a second and would freeze napari when the
     # result is shown.
-    from . import _plot  # noqa: F401
-    from ._chunks import as_numpy
-    from .core import _fit_steps, residuals
+    from .._chunks import as_numpy
+    from ..core import iter_fit, residuals
+    from . import plot  # noqa: F401
 
     ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
     if mask is not None:
         mask = as_numpy(mask) != 0
     try:
         with _short_switch_interval():
-            fit = yield from _fit_steps(
+            fit = yield from iter_fit(
                 stack, ref1, ref2, mask=mask, **options
             )
             return fit, residuals(stack, ref1, ref2, fit)
@@ -645,7 +645,7 @@ class MixcoefWidget(Container):
         self._outputs[stack_layer] = layer
 
     def _show_plot(self, stack_layer, fit: MixFit) -> None:
-        from ._plot import CoefficientPlot
+        from .plot import CoefficientPlot
 
         if self._plot is None or not _alive(self._plot):
             self._plot = CoefficientPlot(self._viewer)
@@ -677,9 +677,10 @@ _PROGRESS_EVERY = 0.2
 
 
 def _warm_up() -> None:
-    from . import _fused, _plot  # noqa: F401
+    from ..core import warm_up
+    from . import plot  # noqa: F401
 
-    _fused.warm_up()
+    warm_up()
 
 
 def _alive(widget) -> bool:

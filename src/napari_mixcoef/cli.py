@@ -143,7 +143,7 @@ def _expand(patterns: Sequence[str]) -> tuple[list[str], bool]:
 
 
 def _run_fit(args: argparse.Namespace) -> int:
-    from . import _io
+    from . import io as _io
     from .core import fit_stack, residuals, write_csv
 
     files, batch = _expand(args.stacks)
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == 'fit':
             return _run_fit(args)
-        from ._demo import run_demo
+        from ._qt.demo import run_demo
 
         return run_demo(screenshot=args.screenshot)
     except (ValueError, TypeError, OSError) as err:

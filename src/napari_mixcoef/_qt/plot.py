@@ -24,13 +24,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._outliers import find_outliers
+from ..outliers import find_outliers
 
 if TYPE_CHECKING:
     import napari
     from matplotlib.backend_bases import DrawEvent, MouseEvent
 
-    from .core import MixFit
+    from ..core import MixFit
 
 __all__ = ['CoefficientPlot']
 
@@ -60,7 +60,7 @@ class CoefficientPlot(QWidget):
 
     The top panel shows ``x`` with a ±1.96 standard error band, the bottom
     panel R², both against the index of the fit's first leading axis.
-    Outliers (:func:`~napari_mixcoef._outliers.find_outliers`) are marked in
+    Outliers (:func:`~napari_mixcoef.outliers.find_outliers`) are marked in
     both panels.  A vertical cursor follows the viewer's dims slider (by
     blitting, without redrawing the figure); clicking a panel moves the
     slider there, and hovering shows the slice's values below the plot.

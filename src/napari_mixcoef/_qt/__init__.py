@@ -1,0 +1,1 @@
+"""The napari faces: dock widget, coefficient plot and demo (Qt only here)."""
