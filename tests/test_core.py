@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import scipy.linalg
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from napari_mixcoef import MODELS, fit_stack, residuals
 
@@ -403,3 +403,39 @@ def test_blas_is_on_one_thread_while_a_fit_runs(monkeypatch):
     fit_stack(stack, a, b, stderr='ols')
     assert seen and all(t == [1] * len(before) for t in seen)
     assert blas_threads() == before
+
+
+def test_to_csv_writes_provenance_beside_it(tmp_path):
+    import json
+
+    import napari_mixcoef
+
+    stack, a, b, _ = make_stack(lead=(6,))
+    fit = fit_stack(
+        stack, a, b, noise='poisson', gain=2.0, camera_offset=10.0
+    )
+    path = tmp_path / 'run.csv'
+    outlier = np.zeros(6, bool)
+    outlier[2] = True
+    fit.to_csv(
+        path,
+        columns={'outlier': outlier},
+        provenance={'stack': 'my stack', 'outliers': [2]},
+    )
+    header = path.read_text().splitlines()[0].split(',')
+    assert header[-1] == 'outlier'
+    table = np.loadtxt(path, delimiter=',', skiprows=1)
+    assert_array_equal(table[:, -1], outlier)
+    info = json.loads((tmp_path / 'run.json').read_text())
+    assert info['napari_mixcoef_version'] == napari_mixcoef.__version__
+    assert info['stack'] == 'my stack'
+    assert info['outliers'] == [2]
+    assert info['model'] == 'mix' and info['noise'] == 'poisson'
+    assert info['detector'] == {
+        'gain': 2.0,
+        'camera_offset': 10.0,
+        'read_noise': 0.0,
+    }
+    assert info['stderr_mode'] == 'auto'
+    with pytest.raises(ValueError, match='one value per slice'):
+        fit.to_csv(path, columns={'outlier': outlier[:3]})

@@ -85,6 +85,7 @@ __all__ = [
     'residuals',
     'warm_up',
     'write_csv',
+    'write_provenance',
 ]
 
 # Recompute SSR explicitly where SSR < _GUARD · Σ y_c² (see module notes).
@@ -121,6 +122,8 @@ class MixFit:
         spatially correlated noise) or ``"ols"`` (textbook).
     noise_kernel : ndarray or None
         The noise's estimated spatial correlation ``ρ(h)`` (``"auto"``).
+    detector : dict
+        ``gain``, ``camera_offset``, ``read_noise`` of the fit.
     """
 
     model: str
@@ -135,6 +138,7 @@ class MixFit:
     noise: str = 'gaussian'
     stderr_mode: str = 'ols'
     noise_kernel: NDArray[np.float64] | None = field(default=None, repr=False)
+    detector: dict = field(default_factory=dict, repr=False)
     _design: Design | None = field(default=None, repr=False)
 
     @property
@@ -169,22 +173,79 @@ class MixFit:
         columns['rmse'] = self.rmse.reshape(n)
         return columns
 
-    def to_csv(self, path: str | os.PathLike) -> None:
-        """Write one row per slice to a CSV file.
+    def provenance(self) -> dict:
+        """Return what the fit knows of how it was made, JSON-ready.
+
+        Returns
+        -------
+        dict
+            Package version, model and coefficient names, noise model and
+            detector settings, error mode, pixels per slice and the slice
+            layout.  :meth:`to_csv` adds the caller's names (stack,
+            references, mask) and writes it beside the table.
+        """
+        from . import __version__
+
+        return {
+            'napari_mixcoef_version': __version__,
+            'model': self.model,
+            'names': list(self.names),
+            'noise': self.noise,
+            'detector': dict(self.detector),
+            'stderr_mode': self.stderr_mode,
+            'n_pixels': int(self.n_pixels),
+            'lead_shape': list(self.lead_shape),
+        }
+
+    def to_csv(
+        self,
+        path: str | os.PathLike,
+        *,
+        columns: dict[str, ArrayLike] | None = None,
+        provenance: dict | None = None,
+    ) -> None:
+        """Write one row per slice to a CSV file, and a JSON file beside it.
 
         Parameters
         ----------
         path : str or path-like
-            Output file; columns as in :meth:`table`.
+            Output file; columns as in :meth:`table`.  Written as given
+            (no suffix is added).
+        columns : dict of str to (n_slices,) array_like, optional
+            Extra columns appended after the fit's (e.g. ``"outlier"``).
+        provenance : dict, optional
+            Merged into :meth:`provenance` and written to ``<path without
+            its suffix>.json``: e.g. ``"stack"``, ``"references"`` and
+            ``"mask"`` names, ``"outliers"`` (flagged slice indices).
         """
-        write_csv(path, self.table())
+        table = self.table()
+        if columns:
+            n = self.x.size
+            for name, values in columns.items():
+                values = np.asarray(values).reshape(-1)
+                if values.size != n:
+                    raise ValueError(
+                        f'column {name!r} has {values.size} values but the '
+                        f'fit has {n} slices; pass one value per slice'
+                    )
+                table[name] = values
+        info = self.provenance()
+        info.update(provenance or {})
+        write_csv(path, table, provenance=info)
 
 
-def write_csv(path: str | os.PathLike, columns: dict[str, ArrayLike]) -> None:
+def write_csv(
+    path: str | os.PathLike,
+    columns: dict[str, ArrayLike],
+    *,
+    provenance: dict | None = None,
+) -> None:
     """Write equal-length columns to a CSV file with a header row.
 
     Integers are written as such, floats with 10 significant digits (NaN
-    as ``nan``), anything else as text (quoted where needed).
+    as ``nan``), anything else as text (quoted where needed).  With
+    ``provenance``, also write it as JSON to ``<path without its
+    suffix>.json`` (numpy values converted).
     """
     import csv
 
@@ -201,6 +262,44 @@ def write_csv(path: str | os.PathLike, columns: dict[str, ArrayLike]) -> None:
         writer = csv.writer(f, lineterminator='\n')
         writer.writerow(list(columns))
         writer.writerows(zip(*cells))
+    if provenance is not None:
+        write_provenance(provenance_path(path), provenance)
+
+
+def provenance_path(path: str | os.PathLike) -> str:
+    """Return the JSON file written beside the CSV ``path`` (``.json``)."""
+    root, _ = os.path.splitext(os.fspath(path))
+    return root + '.json'
+
+
+def write_provenance(path: str | os.PathLike, info: dict) -> None:
+    """Write ``info`` as indented JSON, numpy scalars and arrays converted."""
+    import datetime
+    import json
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, np.ndarray):
+            return plain(value.tolist())
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None  # JSON has no NaN
+        return value
+
+    info = dict(info)
+    info.setdefault(
+        'written',
+        datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec='seconds'
+        ),
+    )
+    with open(path, 'w') as f:
+        json.dump(plain(info), f, indent=2)
+        f.write('\n')
 
 
 def iter_fit(
@@ -558,6 +657,11 @@ def _assemble(
         noise=spec.noise,
         stderr_mode=spec.stderr,
         noise_kernel=rho,
+        detector={
+            'gain': spec.gain,
+            'camera_offset': spec.camera_offset,
+            'read_noise': spec.read_noise,
+        },
         _design=design,
     )
 
