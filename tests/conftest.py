@@ -10,9 +10,9 @@ def compiled_kernels():
     that fit (or the widget's background warm-up racing a GUI test) would
     pay it inside their own time limits.  Later runs load the cache.
     """
-    from napari_mixcoef import _fused
+    from napari_mixcoef import warm_up
 
-    _fused.warm_up((np.uint16, np.float32, np.float64))
+    warm_up((np.uint16, np.float32, np.float64))
 
 
 def make_refs(shape=(24, 20), seed=0):
@@ -38,3 +38,15 @@ def make_stack(lead=(40,), shape=(24, 20), noise=10.0, seed=0):
 @pytest.fixture
 def synthetic():
     return make_stack()
+
+
+def _present_backends():
+    from napari_mixcoef.backends import BACKENDS, get_backend
+
+    return [name for name in BACKENDS if get_backend(name) is not None]
+
+
+@pytest.fixture(params=_present_backends())
+def backend(request):
+    """Each backend that is installed: every engine test runs on each."""
+    return request.param

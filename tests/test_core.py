@@ -360,51 +360,6 @@ def test_noise_free_slices_split_in_bands(stderr):
     assert_allclose(fit.rmse, whole.rmse, rtol=0.2)
 
 
-def test_fits_in_several_threads_leave_blas_threads_as_found():
-    from concurrent.futures import ThreadPoolExecutor
-
-    import threadpoolctl
-
-    def blas_threads():
-        info = threadpoolctl.threadpool_info()
-        return [i['num_threads'] for i in info if i['user_api'] == 'blas']
-
-    stack, a, b, x = make_stack(lead=(30,), noise=2.0)
-    fit_stack(stack, a, b)  # every BLAS library loaded
-    before = blas_threads()
-    with ThreadPoolExecutor(3) as pool:
-        fits = list(pool.map(lambda _: fit_stack(stack, a, b), range(9)))
-    assert blas_threads() == before
-    assert all(np.array_equal(f.x, fits[0].x) for f in fits)
-
-
-def test_blas_is_on_one_thread_while_a_fit_runs(monkeypatch):
-    # the BLAS libraries loaded when the first fit ran (numpy's among them,
-    # as numpy comes first): one thread each while the chunk threads work,
-    # as found after (a fit left suspended elsewhere broke both)
-    from napari_mixcoef import _kernel
-
-    _, blas = _kernel.pool_and_blas()
-
-    def blas_threads():
-        return [lib.num_threads for lib in blas]
-
-    stack, a, b, x = make_stack(lead=(30,), noise=2.0)
-    seen = []
-    inner = _kernel.Kernel.accumulate
-
-    def accumulate(self, block, out):
-        seen.append(blas_threads())
-        return inner(self, block, out)
-
-    monkeypatch.setattr(_kernel.Kernel, 'accumulate', accumulate)
-    before = blas_threads()
-    assert before
-    fit_stack(stack, a, b, stderr='ols')
-    assert seen and all(t == [1] * len(before) for t in seen)
-    assert blas_threads() == before
-
-
 def test_to_csv_writes_provenance_beside_it(tmp_path):
     import json
 

@@ -14,8 +14,9 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy import ndimage
 
-from napari_mixcoef import _fused, fit_stack, reference_diagnostics
-from napari_mixcoef._spatial import noise_correlation
+from napari_mixcoef import fit_stack, reference_diagnostics
+from napari_mixcoef.backends import get_backend
+from napari_mixcoef.model.spatial import noise_correlation
 
 N = 3000
 SHAPE = (32, 32)
@@ -104,16 +105,10 @@ def brute_force_correlation(r, mask, max_lag=4):
     return rho
 
 
-@pytest.mark.parametrize('kernel', ['compiled', 'numpy'])
 @pytest.mark.parametrize('shape', [(70,), (23, 31), (6, 9, 7)])
 @pytest.mark.parametrize('masked', [False, True])
-def test_noise_correlation_sums_every_pair_once(
-    monkeypatch, kernel, shape, masked
-):
-    if kernel == 'numpy':
-        monkeypatch.setenv('NAPARI_MIXCOEF_KERNEL', 'numpy')
-    # the executor asked for is the one that runs
-    assert (_fused._compiled('lag_products') is None) == (kernel == 'numpy')
+def test_noise_correlation_sums_every_pair_once(backend, shape, masked):
+    lags = get_backend(backend).lag_products
     rng = np.random.default_rng(11)
     # uniform noise within ±1, each value averaged with its neighbour
     # along the last axis: within ±1, below the clip at 4 robust sigmas
@@ -125,7 +120,8 @@ def test_noise_correlation_sums_every_pair_once(
         r[:, ~mask] = 0.0
     want = brute_force_correlation(r, mask)
     assert np.count_nonzero(want) > 1  # the smoothing shows at lag 1
-    assert_allclose(noise_correlation(r, mask), want, rtol=1e-12, atol=1e-14)
+    got = noise_correlation(r, mask, lag_products=lags)
+    assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 def test_poisson_counts_cover_with_auto_for_every_estimator():

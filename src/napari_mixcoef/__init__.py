@@ -1,19 +1,16 @@
-"""Per-slice mixing coefficients of an image stack against two references.
+"""Per-slice mixing coefficients of an image stack against reference images.
 
 ``import napari_mixcoef`` imports numpy and scipy only (numba comes with
-the first fit): the napari widgets live in private modules that the
-plugin manifest (``napari.yaml``) names directly.
+the first fit): the napari widgets live in :mod:`napari_mixcoef._qt`,
+which the plugin manifest (``napari.yaml``) names directly.
 """
 
-try:
-    from ._version import version as __version__
-except ImportError:  # running from a source tree that was never installed
-    __version__ = 'unknown'
-
-from ._design import CollinearityWarning
-from ._estimators import NOISE_MODELS, STDERR_MODES
 from .core import (
+    CONSTRAINTS,
     MODELS,
+    NAN_POLICIES,
+    NOISE_MODELS,
+    STDERR_MODES,
     MixFit,
     fit_stack,
     iter_fit,
@@ -21,12 +18,20 @@ from .core import (
     residuals,
     warm_up,
 )
+from .model.noise import DetectorWarning
+from .model.references import CollinearityWarning
+from .model.result import package_version
+
+__version__ = package_version()
 
 __all__ = [
+    'CONSTRAINTS',
     'MODELS',
-    'CollinearityWarning',
+    'NAN_POLICIES',
     'NOISE_MODELS',
     'STDERR_MODES',
+    'CollinearityWarning',
+    'DetectorWarning',
     'MixFit',
     '__version__',
     'fit_stack',

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._estimators import NOISE_MODELS, STDERR_MODES
-from .core import MODELS
+from .core import MODELS, NOISE_MODELS, STDERR_MODES
 
 PROG = 'napari-mixcoef'
 

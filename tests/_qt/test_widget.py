@@ -70,9 +70,9 @@ def big_viewer(make_napari_viewer, monkeypatch):
 
 def blas_threads() -> list[int]:
     """Threads of the BLAS libraries that fits limit (numpy's among them)."""
-    from napari_mixcoef import _kernel
+    from napari_mixcoef.engine.threads import blas_libraries
 
-    return [lib.num_threads for lib in _kernel.pool_and_blas()[1]]
+    return [lib.num_threads for lib, _ in blas_libraries()]
 
 
 def assert_fits_closed(qtbot, fits, before):
@@ -86,22 +86,6 @@ def assert_fits_closed(qtbot, fits, before):
     qtbot.waitUntil(
         lambda: sys.getswitchinterval() == fits['switch'], timeout=10_000
     )
-
-
-def test_fits_ending_out_of_order_restore_the_switch_interval():
-    # two widgets' fits: the first to end must not restore the interval
-    # while the other runs, nor the last leave the short one behind
-    from napari_mixcoef._qt.widget import _short_switch_interval
-
-    before = sys.getswitchinterval()
-    first, second = _short_switch_interval(), _short_switch_interval()
-    first.__enter__()
-    second.__enter__()
-    assert sys.getswitchinterval() == min(before, 0.0005)
-    first.__exit__(None, None, None)
-    assert sys.getswitchinterval() == min(before, 0.0005)
-    second.__exit__(None, None, None)
-    assert sys.getswitchinterval() == before
 
 
 def run_and_wait(qtbot, widget, timeout=60_000):

@@ -8,7 +8,6 @@ a lazy residual layer and the coefficient plot dock.  All numerics live in
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import weakref
@@ -25,9 +24,7 @@ from magicgui.widgets import (
 )
 from psygnal import Signal
 
-from .._estimators import NOISE_MODELS, STDERR_MODES
-from .._kernel import SharedSetting
-from ..core import MODELS, reference_diagnostics
+from ..core import MODELS, NOISE_MODELS, STDERR_MODES, reference_diagnostics
 
 if TYPE_CHECKING:
     import napari
@@ -63,42 +60,20 @@ def _fit_in_thread(stack, ref1, ref2, mask, options: dict):
     # Import the plot module here, off the GUI thread: matplotlib's first
     # import takes most of a second and would freeze napari when the
     # result is shown.
-    from .._chunks import as_numpy
     from ..core import iter_fit, residuals
     from . import plot  # noqa: F401
 
-    ref1, ref2 = as_numpy(ref1), as_numpy(ref2)
+    ref1, ref2 = np.asarray(ref1), np.asarray(ref2)
     if mask is not None:
-        mask = as_numpy(mask) != 0
+        mask = np.asarray(mask) != 0
     try:
-        with _short_switch_interval():
-            fit = yield from iter_fit(
-                stack, ref1, ref2, mask=mask, **options
-            )
-            return fit, residuals(stack, ref1, ref2, fit)
+        fit = yield from iter_fit(stack, ref1, ref2, mask=mask, **options)
+        return fit, residuals(stack, ref1, ref2, fit)
     except RuntimeError as err:
         # superqt ends a generator worker that raises a RuntimeError
         # without any signal (it takes it for a deleted Qt object): the run
         # would never end.  Any other exception type reaches `errored`.
         raise FitFailed(str(err)) from err
-
-
-def _shorten_switch_interval() -> float:
-    """Set a 0.5 ms GIL switch interval; return the one it replaced.
-
-    The chunk threads run short Python steps between numpy calls; with
-    the default 5 ms interval the GUI thread then waits up to 5 ms for
-    each of the many GIL hand-offs of one repaint.
-    """
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 0.0005))
-    return interval
-
-
-#: Context: the short interval while fits run (shared by several widgets').
-_short_switch_interval = SharedSetting(
-    _shorten_switch_interval, sys.setswitchinterval
-)
 
 
 def _steps_of(fit):

@@ -16,6 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.references import as_numpy
+
+__all__ = [
+    'DEFAULT_CHUNK_BYTES',
+    'Block',
+    'as_numpy',
+    'flat_rows',
+    'is_dask',
+    'pixel_range',
+    'plan_blocks',
+    'read_runs',
+    'read_slices',
+    'storage_chunk_length',
+    'stored_rows',
+]
+
 #: Default budget for one block of working floats (per thread).  A few
 #: blocks must stay in the 2 MiB L2 cache of a core for the passes after the
 #: first read to be cheap.
@@ -133,12 +149,60 @@ def read_runs(
         i += n
 
 
-def as_numpy(piece) -> np.ndarray:
-    """Materialise one piece read from a stack as a numpy array.
+def stored_rows(
+    stack, lead_shape: tuple[int, ...], block: Block, row_len: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(row0, y)``: a block's slices as stored, C-ordered 2-D.
 
-    dask pieces are computed here (with the active scheduler); numpy, memmap
-    and zarr pieces are already arrays or views.
+    ``y`` is ``(rows, n_band_pixels)`` in the stack's dtype; in-memory
+    stacks give views (a strided one is copied per piece), zarr and dask
+    pieces are read (computed) here.
     """
-    if hasattr(piece, 'compute') and not isinstance(piece, np.ndarray):
-        piece = piece.compute()
-    return np.asarray(piece)
+    for r0, r1, piece in read_runs(stack, lead_shape, block):
+        y = as_numpy(piece).reshape(r1 - r0, -1)
+        yield r0, np.ascontiguousarray(y)
+
+
+def read_slices(stack, lead_shape: tuple[int, ...], indices) -> np.ndarray:
+    """Whole slices (flat indices) as stored, ``(len(indices), n_ref)``.
+
+    One gather for an in-memory stack, a read per slice otherwise.
+    """
+    n_slices = math.prod(lead_shape)
+    rows = flat_rows(stack, n_slices)
+    if rows is not None:
+        return rows[np.asarray(indices, dtype=np.intp)]
+    if not lead_shape:
+        return as_numpy(stack).reshape(1, -1)
+    return np.stack(
+        [
+            as_numpy(stack[np.unravel_index(i, lead_shape)]).reshape(-1)
+            for i in indices
+        ]
+    )
+
+
+def flat_rows(stack, n_slices: int) -> np.ndarray | None:
+    """Return a numpy ``stack`` as an ``(n_slices, n_ref)`` view, or None."""
+    if not isinstance(stack, np.ndarray):
+        return None
+    try:
+        return stack.reshape((n_slices, -1), copy=False)
+    except (ValueError, TypeError):  # a copy would be needed
+        return None
+
+
+def is_dask(stack) -> bool:
+    """Tell whether ``stack`` is a dask array (without importing dask)."""
+    return type(stack).__module__.split('.')[0] == 'dask' and hasattr(
+        stack, 'chunks'
+    )
+
+
+def pixel_range(block: Block, ref_shape: tuple[int, ...]) -> slice:
+    """Return the block's band as a range of the flattened image."""
+    if not ref_shape:
+        return slice(None)
+    start, stop, _ = block.band.indices(ref_shape[0])
+    row_len = math.prod(ref_shape[1:])
+    return slice(start * row_len, stop * row_len)

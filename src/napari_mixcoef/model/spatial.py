@@ -13,15 +13,20 @@ a spatial HAC ("sandwich") estimator that assumes the noise variance
 varies slowly over the correlation length (``r_p r_{p+h} ≈ r_p² ρ(h)``).
 With white noise ``ρ`` is a single 1 and ``Ω`` is the heteroscedasticity-
 robust (HC) estimator.  numpy and scipy; the sums over pairs at each lag
-run as one compiled call when numba is there (:mod:`napari_mixcoef._fused`).
+come from a ``lag_products`` function the caller passes (a backend's: one
+compiled call with numba), numpy's BLAS dots by default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from numpy.typing import NDArray
+
+#: ``lag_products(buf, n, offsets) -> (len(offsets),) float64``.
+LagProducts = Callable[[NDArray, int, NDArray], NDArray]
 
 #: Largest lag (pixels, per axis) of the correlation kernel.
 MAX_LAG = 4
@@ -33,6 +38,7 @@ def noise_correlation(
     *,
     max_lag: int = MAX_LAG,
     overwrite: bool = False,
+    lag_products: LagProducts | None = None,
 ) -> NDArray[np.float64]:
     """Estimate the noise's spatial correlation kernel from residuals.
 
@@ -47,6 +53,10 @@ def noise_correlation(
     overwrite : bool
         Whether ``residuals`` (float64) may be zeroed outside the mask in
         place (the clipped values go to a separate padded copy).
+    lag_products : callable, optional
+        ``lag_products(buf, n, offsets)``, see
+        :func:`numpy_lag_products` (the default); a backend's compiled
+        one gives the same sums.
 
     Returns
     -------
@@ -67,6 +77,8 @@ def noise_correlation(
     sample = r.reshape(-1)[::step]
     if mask is not None:
         sample = sample[np.broadcast_to(mask, r.shape).reshape(-1)[::step]]
+    if sample.size == 0:  # no fitted pixel left: nothing to estimate
+        return white_kernel(lag)
     sample = np.abs(sample)
     middle = len(sample) // 2
     scale = 1.4826 * float(np.partition(sample, middle)[middle])
@@ -87,15 +99,14 @@ def noise_correlation(
         np.clip(r, -4 * scale, 4 * scale, out=inner)
     else:
         inner[...] = r
-    auto = _mirrored(lag_products(buf, padded.size, offsets), where, lag)
-    pairs = _pair_counts(mask, shape, lag) * len(r)
+    lags = lag_products or numpy_lag_products
+    auto = _mirrored(lags(buf, padded.size, offsets), where, lag)
+    pairs = _pair_counts(mask, shape, lag, lags) * len(r)
     with np.errstate(invalid='ignore', divide='ignore'):
         mean = np.where(pairs > 0, auto / np.maximum(pairs, 1), 0.0)
     centre = tuple(lag)
     if mean[centre] <= 0:
-        kernel = np.zeros_like(mean)
-        kernel[centre] = 1.0
-        return kernel
+        return white_kernel(lag)
     rho = mean / mean[centre]
     # a lag's estimate has standard error ~ 1/sqrt(number of pairs)
     noise = 3.0 / np.sqrt(np.maximum(pairs, 1))
@@ -104,20 +115,19 @@ def noise_correlation(
     return rho
 
 
-def lag_products(buf: NDArray, n: int, offsets: NDArray) -> NDArray:
-    """``Σ_{p<n} buf[p]·buf[p+o]`` for each offset ``o``.
+def white_kernel(lag) -> NDArray[np.float64]:
+    """Return the kernel of independent noise: a single 1 at lag 0."""
+    kernel = np.zeros(tuple(2 * h + 1 for h in lag))
+    kernel[tuple(lag)] = 1.0
+    return kernel
+
+
+def numpy_lag_products(buf: NDArray, n: int, offsets: NDArray) -> NDArray:
+    """``Σ_{p<n} buf[p]·buf[p+o]`` for each offset ``o``: one BLAS dot each.
 
     ``buf`` (float64) is zero from ``n`` on and holds at least
-    ``max(offsets) + 8`` elements past it (see :func:`_padded`).  The
-    compiled kernel of :func:`napari_mixcoef._fused.lag_products` when
-    numba is there, else one BLAS dot per offset (the same sums, in another
-    order).
+    ``max(offsets) + 8`` elements past it (see :func:`_padded`).
     """
-    from . import _fused
-
-    out = _fused.lag_products(buf, n, offsets)
-    if out is not None:
-        return out
     return np.array([np.dot(buf[:n], buf[o : o + n]) for o in offsets])
 
 
@@ -125,7 +135,7 @@ def _padded(count: int, padded_shape, offsets) -> tuple[NDArray, NDArray]:
     """Return zeroed images ``(count, *padded_shape)`` and their buffer.
 
     The flat buffer behind the images goes on with the spare zeros that
-    :func:`lag_products` reads past their end.
+    :func:`numpy_lag_products` reads past their end.
     """
     n = count * math.prod(padded_shape)
     buf = np.zeros(n + int(offsets[-1]) + 8)
@@ -178,7 +188,7 @@ def _mirrored(values, where, lag) -> NDArray[np.float64]:
 _PAIR_COUNTS: dict = {}
 
 
-def _pair_counts(mask, shape, lag) -> NDArray[np.float64]:
+def _pair_counts(mask, shape, lag, lags) -> NDArray[np.float64]:
     """Pairs of fitted pixels at each lag of the window, per image.
 
     The same lag sums over the mask.  Kept for the last few masks: hashing
@@ -192,7 +202,7 @@ def _pair_counts(mask, shape, lag) -> NDArray[np.float64]:
         padded, buf = _padded(1, padded_shape, offsets)
         inside = padded[(0, *(slice(0, s) for s in shape))]
         inside[...] = 1.0 if mask is None else mask
-        hit = _mirrored(lag_products(buf, padded.size, offsets), where, lag)
+        hit = _mirrored(lags(buf, padded.size, offsets), where, lag)
         if len(_PAIR_COUNTS) >= 4:
             _PAIR_COUNTS.clear()
         _PAIR_COUNTS[key] = hit
@@ -252,6 +262,13 @@ def sandwich_terms(columns: NDArray, smooth: NDArray) -> NDArray[np.float64]:
 def pair_index(k: int) -> list[tuple[int, int]]:
     """Pairs ``(a, b)``, ``a ≤ b``, of a symmetric k × k matrix, in order."""
     return [(a, b) for a in range(k) for b in range(a, k)]
+
+
+def pack(matrices: NDArray) -> NDArray:
+    """``(..., k, k)`` symmetric matrices to their upper triangles."""
+    k = matrices.shape[-1]
+    a, b = np.triu_indices(k)
+    return matrices[..., a, b]
 
 
 def unpack(values: NDArray, k: int) -> NDArray[np.float64]:

@@ -1,0 +1,222 @@
+"""The compiled backend: numba kernels that read each pixel once.
+
+numpy needs several passes over a block (cast, centre, a BLAS product,
+squares, more products), each a read of the block; these kernels read each
+pixel once, cast and centre it in a register and add it into every sum,
+so a fit costs about one read of the stack.  They run on the engine's
+threads (``nogil``).
+
+numba is imported when this backend is first asked for, not with the
+package: importing it and starting LLVM take seconds, which the widget
+spends in a background thread (:meth:`NumbaBackend.warm_up`).  Kernel
+bodies live in :mod:`.kernels` (the sums) and :mod:`.irls` (per-slice
+fits of one-coefficient models), which import numba.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ...model.constraints import solve
+from ...model.noise import BlockFit
+from ...model.spatial import pack
+from ...model.sums import SumsLayout
+
+__all__ = ['DTYPES', 'NumbaBackend', 'make_backend']
+
+#: Stack dtypes the kernels read directly (native byte order).  Others
+#: (float16, big-endian data) go to the numpy backend.
+DTYPES = frozenset(
+    np.dtype(t)
+    for t in (
+        np.uint8,
+        np.int8,
+        np.uint16,
+        np.int16,
+        np.uint32,
+        np.int32,
+        np.uint64,
+        np.int64,
+        np.float32,
+        np.float64,
+    )
+)
+
+
+def make_backend():
+    """Return the numba backend, or None when numba is not installed."""
+    try:
+        from . import irls, kernels  # noqa: F401 - imports numba
+    except ImportError:
+        return None
+    return NumbaBackend()
+
+
+class NumbaBackend:
+    """Compiled sums for every model; per-slice IRLS for one coefficient."""
+
+    name = 'numba'
+
+    def __init__(self) -> None:
+        from . import irls, kernels
+
+        self._kernels = kernels
+        self._irls = irls
+        self._lag_groups: dict = {}
+
+    def supports(self, dtype, k, spec, constrained) -> bool:
+        """Native stored dtypes; IRLS fits of one unconstrained coefficient.
+
+        Gaussian fits of any model (their sums and residual passes are
+        generic over the basis); Poisson and Huber fits go to numpy for
+        more than one coefficient or with a constraint.
+        """
+        dtype = np.dtype(dtype)
+        if dtype not in DTYPES or not dtype.isnative:
+            return False
+        return spec.noise == 'gaussian' or (k == 1 and not constrained)
+
+    def block_sums(self, y, view, sums) -> None:
+        """Add each row's sums (one compiled pass) into ``sums``."""
+        layout = sums.layout
+        kernels = self._kernels
+        runs = view.runs(kernels.RUN)
+        mean = view.dtype.type(view.mean)
+        if layout.k == 1:
+            cols = np.array(
+                [0, layout.h, layout.s, layout.yy, layout.hy, layout.hq]
+            )
+            if not layout.hac:
+                cols[4:] = 0
+            small = y.dtype.kind in 'iu' and y.dtype.itemsize <= 2
+            width = 1 if small else (3 if layout.hac else 4)
+            kernels.sums_one(
+                y,
+                view.centre,
+                mean,
+                view.basis[0],
+                view.hac if layout.hac else None,
+                runs,
+                sums.raw,
+                cols,
+                width,
+            )
+            return
+        if layout.hac:
+            raise ValueError('the one-pass HAC sums are for one coefficient')
+        cols = np.array([layout.s, layout.h, layout.yy, 0])
+        kernels.sums_many(
+            y, view.centre, mean, view.basis, runs, sums.raw, cols
+        )
+
+    def residual_sums(self, y, view, z, terms, out) -> None:
+        """Add ``Σr²`` and ``Σr²·terms`` (one compiled pass) into ``out``."""
+        self._kernels.residual_sums(
+            y,
+            view.centre,
+            view.basis,
+            np.ascontiguousarray(z, dtype=np.float64),
+            z.shape[1],
+            terms,
+            view.runs(self._kernels.RUN),
+            out,
+        )
+
+    def fit_block(self, y, view, spec, constraint) -> BlockFit:
+        """Fit whole slices: least squares by two passes, IRLS per slice.
+
+        Least squares: the block's sums, each slice's (constrained) fit,
+        then one pass over the block's residuals (from the cache) for SSR
+        and the sandwich.  Poisson and Huber (one coefficient): each slice
+        fitted in the L2 cache by :func:`.irls.fit_rows`.
+        """
+        if spec.noise == 'gaussian':
+            return self._least_squares(y, view, spec, constraint)
+        irls = self._irls
+        auto = spec.stderr == 'auto'
+        terms = view.terms[0] if auto else view.centre[:1]
+        out = np.empty((y.shape[0], irls.WIDTH))
+        irls.fit_rows(
+            y,
+            view.centre,
+            view.basis[0],
+            view.spread,
+            np.ascontiguousarray(terms),
+            view.runs(irls.CHUNK),
+            np.ascontiguousarray(view.sample, dtype=np.int64),
+            irls.constants(spec, view.dtype),
+            irls.NOISE_CODES[spec.noise],
+            auto,
+            int(spec.iterations),
+            int(view.n_pixels),
+            out,
+        )
+        bread = None
+        if spec.noise != 'gaussian' and (spec.noise == 'poisson' or auto):
+            bread = out[:, irls.BREAD : irls.BREAD + 1].copy()
+        return BlockFit(
+            z=out[:, irls.Z : irls.Z + 1].copy(),
+            meat=out[:, irls.MEAT : irls.MEAT + 1].copy(),
+            bread=bread,
+            sandwich=auto,
+            ssr=out[:, irls.SSR].copy(),
+            yy=out[:, irls.YY].copy(),
+            s=out[:, irls.S].copy(),
+            h=out[:, irls.H].copy(),
+        )
+
+    def _least_squares(self, y, view, spec, constraint) -> BlockFit:
+        k = view.k
+        sums = SumsLayout(k).empty(len(y))
+        self.block_sums(y, view, sums)
+        active = None
+        if constraint is None:
+            z = np.ascontiguousarray(sums.g)
+        else:
+            z, active = solve(sums.g, *constraint)
+        auto = spec.stderr == 'auto'
+        terms = view.terms if auto else None
+        n_terms = 0 if terms is None else terms.shape[0]
+        res = np.zeros((len(y), 1 + n_terms))
+        self.residual_sums(y, view, z, terms, res)
+        ssr = res[:, 0]
+        if auto:
+            meat = res[:, 1:]
+        else:
+            meat = ssr[:, None] * pack(np.eye(k))[None]
+        return BlockFit(
+            z=z,
+            meat=meat,
+            bread=None,
+            sandwich=auto,
+            ssr=ssr,
+            yy=sums.yy.copy(),
+            s=sums.s.copy(),
+            h=sums.h.copy(),
+            active=active,
+        )
+
+    def lag_products(self, buf, n, offsets) -> NDArray:
+        """Sum the lags in one compiled call, nine offsets per load."""
+        key = offsets.tobytes()
+        groups = self._lag_groups.get(key)
+        if groups is None:
+            # offsets in groups of nine neighbours, each from one start
+            starts = []
+            for o in offsets:
+                if not starts or o > starts[-1] + 8:
+                    starts.append(int(o))
+            starts = np.array(starts, np.int64)
+            group = np.searchsorted(starts, offsets, side='right') - 1
+            if len(self._lag_groups) >= 8:
+                self._lag_groups.clear()
+            groups = starts, group * 9 + offsets - starts[group]
+            self._lag_groups[key] = groups
+        starts, pick = groups
+        out = np.zeros((len(starts), 9))
+        self._kernels.lag_products(buf, n, starts, out)
+        return out.reshape(-1)[pick]
+
+    def warm_up(self) -> None:
+        """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""

@@ -1,0 +1,362 @@
+"""Bodies of the compiled sums kernels (imports numba; loaded lazily).
+
+Each kernel reads a block of slices as stored (any integer or float
+dtype), casts and centres each pixel in a register, and adds into
+per-slice float64 sums.  :func:`sums_one` is the fused fast path of
+one-coefficient models; :func:`sums_many` is generic over the number of
+basis vectors.  Every sum runs in the working dtype over one run of at
+most :data:`RUN` fitted pixels, then into a float64 total.  See
+:mod:`napari_mixcoef.backends.numba` for the arguments.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+#: numba's fast-math flags without ``nnan``/``ninf``: NaN and inf keep
+#: their meaning, so bad slices are still caught.  ``reassoc`` lets LLVM
+#: spread the sums over SIMD lanes, ``contract`` fuses multiply-adds.
+FLAGS = frozenset({'reassoc', 'contract', 'nsz', 'arcp'})
+
+#: Most pixels in one working-dtype partial sum (float32 keeps ~7 digits
+#: over a few hundred terms).
+RUN = 512
+
+#: Bytes of basis (and term) vectors one band may hold: they stay in a
+#: core's L2 cache while every slice of the block passes over them.
+BAND_BYTES = 1 << 18
+
+
+def jit(func):
+    """Compile ``func`` (nogil, cached on disk, no division checks)."""
+    return numba.njit(
+        nogil=True,
+        fastmath=set(FLAGS),
+        error_model='numpy',
+        cache=True,
+    )(func)
+
+
+@numba.njit(inline='always')
+def _band(runs, vectors, itemsize):  # pragma: no cover - compiled
+    """Return runs per band so that ``vectors`` rows fit BAND_BYTES."""
+    per_run = max(1, vectors) * RUN * itemsize
+    return max(1, BAND_BYTES // per_run)
+
+
+@numba.njit(inline='always', fastmath=set(FLAGS))
+def _ols_add(s, v, u, c2):  # pragma: no cover - compiled
+    """Add one pixel's ``q·y_c, u2·y_c, y_c, y_c²`` to the 4-tuple ``s``."""
+    return (s[0] + u * v, s[1] + c2 * v, s[2] + v, s[3] + v * v)
+
+
+@numba.njit(inline='always', fastmath=set(FLAGS))
+def _hac_add(s, v, u, c2, t):  # pragma: no cover - compiled
+    """:func:`_ols_add` and ``y_c²·t, y_c·q·t`` on the 6-tuple ``s``."""
+    w = u * v
+    q = v * v
+    return (
+        s[0] + w,
+        s[1] + c2 * v,
+        s[2] + v,
+        s[3] + q,
+        s[4] + q * t,
+        s[5] + w * t,
+    )
+
+
+@jit
+def sums_one(
+    y, centre, mean, q, t, runs, out, cols, width
+):  # pragma: no cover
+    """Add each row's sums for a one-vector basis (``k = 1``), fused.
+
+    Per pixel one cast, one centring and four (six with ``t``) sums in
+    registers: ``q·y_c``, ``u2·y_c`` (``u2 = M − mean`` formed on the fly,
+    as it reads ``M`` anyway), ``Σy_c``, ``Σy_c²`` and with the HAC term
+    ``t`` also ``Σy_c²t``, ``Σy_c q t``.  ``cols`` (6,) are the columns of
+    ``out`` for them.  ``width`` rows go side by side, sharing each load of
+    the vectors: four for float data (three with ``t``: four rows' 24
+    accumulators would spill from the registers), one for 8- and 16-bit
+    data, which was faster for them.  ``t is None`` is decided when numba
+    compiles (one machine code with the HAC sums, one without).
+    """
+    rows = y.shape[0]
+    wt = centre.dtype.type
+    z = wt(0)
+    total = np.zeros((4, 6))
+    for i in range(0, rows, width):
+        # a last short group repeats its last row; those sums are dropped
+        last = rows - 1
+        j, k, m = min(i + 1, last), min(i + 2, last), min(i + 3, last)
+        total[:] = 0.0
+        for g in range(runs.shape[0]):
+            p0, p1 = runs[g, 0], runs[g, 1]
+            cs, us = centre[p0:p1], q[p0:p1]
+            ya, yb = y[i, p0:p1], y[j, p0:p1]
+            yc, yd = y[k, p0:p1], y[m, p0:p1]
+            if t is None:
+                sa = sb = sc = sd = (z, z, z, z)
+                if width == 1:
+                    for p in range(p1 - p0):
+                        c = cs[p]
+                        sa = _ols_add(sa, wt(ya[p]) - c, us[p], c - mean)
+                else:
+                    for p in range(p1 - p0):
+                        c, u = cs[p], us[p]
+                        c2 = c - mean
+                        sa = _ols_add(sa, wt(ya[p]) - c, u, c2)
+                        sb = _ols_add(sb, wt(yb[p]) - c, u, c2)
+                        sc = _ols_add(sc, wt(yc[p]) - c, u, c2)
+                        sd = _ols_add(sd, wt(yd[p]) - c, u, c2)
+                zz = (z, z)
+                sa, sb, sc, sd = sa + zz, sb + zz, sc + zz, sd + zz
+            else:
+                ts = t[p0:p1]
+                sa = sb = sc = sd = (z, z, z, z, z, z)  # sd stays 0
+                if width == 1:
+                    for p in range(p1 - p0):
+                        c = cs[p]
+                        sa = _hac_add(
+                            sa, wt(ya[p]) - c, us[p], c - mean, ts[p]
+                        )
+                else:
+                    for p in range(p1 - p0):
+                        c, u, tp = cs[p], us[p], ts[p]
+                        c2 = c - mean
+                        sa = _hac_add(sa, wt(ya[p]) - c, u, c2, tp)
+                        sb = _hac_add(sb, wt(yb[p]) - c, u, c2, tp)
+                        sc = _hac_add(sc, wt(yc[p]) - c, u, c2, tp)
+            for e in range(6):
+                total[0, e] += sa[e]
+                total[1, e] += sb[e]
+                total[2, e] += sc[e]
+                total[3, e] += sd[e]
+        n_sums = 4 if t is None else 6
+        for r in range(min(width, rows - i)):
+            for e in range(n_sums):
+                out[i + r, cols[e]] += total[r, e]
+
+
+@jit
+def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
+    """Add each row's sums for a basis of several vectors (``k ≥ 2``).
+
+    Within a run the centred values of four rows go to a small buffer
+    (L1) while ``q₀·y_c``, ``u2·y_c``, ``Σy_c`` and ``Σy_c²`` are summed;
+    then each further pair of basis vectors is one vectorized pass over
+    the buffer, its loads shared by the four rows.  Runs are visited band
+    by band (all rows of the block for each), so the band's basis vectors
+    stay in the L2 cache whatever their number.  ``cols`` (4,) are the
+    columns of ``Σy_c``, ``u2ᵀy_c``, ``Σy_c²`` and (unused) 0; ``g`` goes
+    to columns ``0 … k−1``.
+    """
+    rows = y.shape[0]
+    nb = basis.shape[0]
+    wt = centre.dtype.type
+    z = wt(0)
+    n_runs = runs.shape[0]
+    buf = np.empty((4, RUN), centre.dtype)
+    tot = np.zeros((4, nb + 3))
+    band = _band(runs, nb + 1, centre.itemsize)
+    for b0 in range(0, n_runs, band):
+        b1 = min(b0 + band, n_runs)
+        for i in range(0, rows, 4):
+            last = rows - 1
+            i1, i2, i3 = min(i + 1, last), min(i + 2, last), min(i + 3, last)
+            tot[:] = 0.0
+            for g in range(b0, b1):
+                p0, p1 = runs[g, 0], runs[g, 1]
+                m = p1 - p0
+                cs = centre[p0:p1]
+                q = basis[0, p0:p1]
+                ya, yb = y[i, p0:p1], y[i1, p0:p1]
+                yc, yd = y[i2, p0:p1], y[i3, p0:p1]
+                sa = sb = sc = sd = (z, z, z, z)
+                for p in range(m):
+                    c = cs[p]
+                    u = q[p]
+                    c2 = c - mean
+                    va = wt(ya[p]) - c
+                    vb = wt(yb[p]) - c
+                    vc = wt(yc[p]) - c
+                    vd = wt(yd[p]) - c
+                    buf[0, p] = va
+                    buf[1, p] = vb
+                    buf[2, p] = vc
+                    buf[3, p] = vd
+                    sa = _ols_add(sa, va, u, c2)
+                    sb = _ols_add(sb, vb, u, c2)
+                    sc = _ols_add(sc, vc, u, c2)
+                    sd = _ols_add(sd, vd, u, c2)
+                for e in range(4):
+                    tot[0, e] += sa[e]
+                    tot[1, e] += sb[e]
+                    tot[2, e] += sc[e]
+                    tot[3, e] += sd[e]
+                for j in range(1, nb, 2):
+                    j2 = min(j + 1, nb - 1)
+                    q = basis[j, p0:p1]
+                    q2 = basis[j2, p0:p1]
+                    sa = sb = sc = sd = z
+                    ta = tb = tc = td = z
+                    for p in range(m):
+                        qp = q[p]
+                        qq = q2[p]
+                        a = buf[0, p]
+                        b = buf[1, p]
+                        c = buf[2, p]
+                        d = buf[3, p]
+                        sa += a * qp
+                        sb += b * qp
+                        sc += c * qp
+                        sd += d * qp
+                        ta += a * qq
+                        tb += b * qq
+                        tc += c * qq
+                        td += d * qq
+                    tot[0, 3 + j] += sa
+                    tot[1, 3 + j] += sb
+                    tot[2, 3 + j] += sc
+                    tot[3, 3 + j] += sd
+                    if j2 != j:
+                        tot[0, 3 + j2] += ta
+                        tot[1, 3 + j2] += tb
+                        tot[2, 3 + j2] += tc
+                        tot[3, 3 + j2] += td
+            for r in range(min(4, rows - i)):
+                out[i + r, 0] += tot[r, 0]
+                for j in range(1, nb):
+                    out[i + r, j] += tot[r, 3 + j]
+                out[i + r, cols[1]] += tot[r, 1]
+                out[i + r, cols[0]] += tot[r, 2]
+                out[i + r, cols[2]] += tot[r, 3]
+
+
+@jit
+def residual_sums(y, centre, basis, z, k, terms, runs, out):
+    """Add ``Σr²`` and ``Σr²·terms[m]`` of ``r = y_c − Σ_{j<k} z_j q_j``.
+
+    ``y``, ``centre``, ``basis`` and ``runs`` as in :func:`block_sums`;
+    ``z`` (rows, k) float64; ``terms`` (P, n_px) in the working dtype or
+    None; ``out`` (rows, 1 + P) float64.  The residual is formed in the
+    working dtype, as numpy's path forms it.
+    """
+    rows = y.shape[0]
+    wt = centre.dtype.type
+    zero = wt(0)
+    n_runs = runs.shape[0]
+    n_terms = 0
+    if terms is not None:
+        n_terms = terms.shape[0]
+    buf = np.empty((4, RUN), centre.dtype)
+    coef = np.empty((4, max(k, 1)), centre.dtype)
+    tot = np.zeros((4, 1 + n_terms))
+    band = _band(runs, k + n_terms + 1, centre.itemsize)
+    for b0 in range(0, n_runs, band):
+        b1 = min(b0 + band, n_runs)
+        for i in range(0, rows, 4):
+            last = rows - 1
+            i1, i2, i3 = min(i + 1, last), min(i + 2, last), min(i + 3, last)
+            for j in range(k):
+                coef[0, j] = wt(z[i, j])
+                coef[1, j] = wt(z[i1, j])
+                coef[2, j] = wt(z[i2, j])
+                coef[3, j] = wt(z[i3, j])
+            tot[:] = 0.0
+            for g in range(b0, b1):
+                p0, p1 = runs[g, 0], runs[g, 1]
+                m = p1 - p0
+                cs = centre[p0:p1]
+                ya, yb, yc, yd = (
+                    y[i, p0:p1],
+                    y[i1, p0:p1],
+                    y[i2, p0:p1],
+                    y[i3, p0:p1],
+                )
+                for p in range(m):
+                    c = cs[p]
+                    buf[0, p] = wt(ya[p]) - c
+                    buf[1, p] = wt(yb[p]) - c
+                    buf[2, p] = wt(yc[p]) - c
+                    buf[3, p] = wt(yd[p]) - c
+                for j in range(k):
+                    q = basis[j, p0:p1]
+                    ca, cb, cc, cd = (
+                        coef[0, j],
+                        coef[1, j],
+                        coef[2, j],
+                        coef[3, j],
+                    )
+                    for p in range(m):
+                        qp = q[p]
+                        buf[0, p] -= ca * qp
+                        buf[1, p] -= cb * qp
+                        buf[2, p] -= cc * qp
+                        buf[3, p] -= cd * qp
+                sa = sb = sc = sd = zero
+                for p in range(m):
+                    a, b, c, d = buf[0, p], buf[1, p], buf[2, p], buf[3, p]
+                    a, b, c, d = a * a, b * b, c * c, d * d
+                    buf[0, p] = a
+                    buf[1, p] = b
+                    buf[2, p] = c
+                    buf[3, p] = d
+                    sa += a
+                    sb += b
+                    sc += c
+                    sd += d
+                tot[0, 0] += sa
+                tot[1, 0] += sb
+                tot[2, 0] += sc
+                tot[3, 0] += sd
+                if terms is not None:
+                    for mm in range(n_terms):
+                        tt = terms[mm, p0:p1]
+                        sa = sb = sc = sd = zero
+                        for p in range(m):
+                            tp = tt[p]
+                            sa += buf[0, p] * tp
+                            sb += buf[1, p] * tp
+                            sc += buf[2, p] * tp
+                            sd += buf[3, p] * tp
+                        tot[0, 1 + mm] += sa
+                        tot[1, 1 + mm] += sb
+                        tot[2, 1 + mm] += sc
+                        tot[3, 1 + mm] += sd
+            for r in range(min(4, rows - i)):
+                for mm in range(1 + n_terms):
+                    out[i + r, mm] += tot[r, mm]
+
+
+@jit
+def lag_products(a, n, starts, out):
+    """Add ``Σ_{p<n} a[p]·a[p + s + m]``, m = 0..8, into ``out[g, m]``.
+
+    For each start ``s = starts[g]``: nine neighbouring offsets share each
+    load of ``a[p]``.  ``a`` holds at least ``n + max(starts) + 8``
+    elements, zero past ``n``.  Band by band of 2048 elements, all starts
+    in each, so that the reads come from L1.
+    """
+    z = a.dtype.type(0)
+    for b0 in range(0, n, 2048):
+        b1 = min(b0 + 2048, n)
+        for g in range(starts.shape[0]):
+            o = starts[g]
+            x, y = a[b0:b1], a[b0 + o : b1 + o + 8]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = z
+            for p in range(b1 - b0):  # from 0: the loop vectorizes
+                v = x[p]
+                s0 += v * y[p]
+                s1 += v * y[p + 1]
+                s2 += v * y[p + 2]
+                s3 += v * y[p + 3]
+                s4 += v * y[p + 4]
+                s5 += v * y[p + 5]
+                s6 += v * y[p + 6]
+                s7 += v * y[p + 7]
+                s8 += v * y[p + 8]
+            band = (s0, s1, s2, s3, s4, s5, s6, s7, s8)
+            for m in range(9):
+                out[g, m] += band[m]
