@@ -32,7 +32,15 @@ def _backend(name: str):
 
 
 def _block_sums(
-    block, centre, fitted, *vectors, n_lead, k, mean, n_pixels, layout,
+    block,
+    centre,
+    fitted,
+    *vectors,
+    n_lead,
+    k,
+    mean,
+    n_pixels,
+    layout,
     backend,
 ):
     """Per-slice sums of one stack block, shaped for the reduction.

@@ -95,6 +95,151 @@ def _robust_scale(ysample, dsample, dt, absr, keys, candidates, histogram):
     return max(mad * MAD_SCALE, _TINY)
 
 
+def _step(func):
+    """Compile a step of :func:`_fit_rows` into it."""
+    return numba.njit(inline='always', fastmath=set(FASTMATH))(func)
+
+
+@_step
+def _centre_row(row, centre, d, u2, runs, yb, zero):  # pragma: no cover
+    """``y_c = T(row) − M`` into ``yb``; ``qᵀy_c, u2ᵀy_c, Σy_c, Σy_c²``."""
+    T = centre.dtype.type
+    g0 = h1 = h2 = q = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        ys, ds, v2 = yb[a:b], d[a:b], u2[a:b]
+        rs, cs = row[a:b], centre[a:b]
+        s0 = s1 = s2 = s3 = zero
+        for p in range(b - a):
+            yp = T(rs[p]) - cs[p]
+            ys[p] = yp
+            s0 += yp * ds[p]
+            s1 += yp * v2[p]
+            s2 += yp
+            s3 += yp * yp
+        g0 += s0
+        h1 += s1
+        h2 += s2
+        q += s3
+    return g0, h1, h2, q
+
+
+@_step
+def _weight(dp, cp, dt, offset, floor, one):  # pragma: no cover - compiled
+    """Poisson weight ``1 / max(M + q z − c + f, f)`` of one pixel."""
+    mu = dt * dp + ((cp - offset) + floor)
+    mu = mu if mu > floor else floor
+    return one / mu
+
+
+@_step
+def _psi(r, clip, gross, zero):  # pragma: no cover - compiled
+    """Huber's ψ of one residual; gross outliers get 0."""
+    psi = r if r > -clip else -clip
+    psi = psi if psi < clip else clip
+    return zero if abs(r) > gross else psi
+
+
+@_step
+def _poisson_step(yb, d, centre, runs, dt, consts):  # pragma: no cover
+    """Sum the weighted ``qᵀWq`` and ``qᵀWy`` at the fit ``dt``."""
+    offset, floor, one, zero = consts[0], consts[1], consts[2], consts[5]
+    gram = rhs = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        ys, ds, cs = yb[a:b], d[a:b], centre[a:b]
+        s0 = s1 = zero
+        for p in range(b - a):
+            dp = ds[p]
+            w = _weight(dp, cs[p], dt, offset, floor, one)
+            s0 += w * (dp * dp)
+            s1 += w * (ys[p] * dp)
+        gram += s0
+        rhs += s1
+    return gram, rhs
+
+
+@_step
+def _huber_step(yb, d, runs, dt, clip, gross, zero):  # pragma: no cover
+    """``qᵀψ(r)`` at the fit ``dt``: the H-algorithm's step."""
+    step = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        ys, ds = yb[a:b], d[a:b]
+        s0 = zero
+        for p in range(b - a):
+            dp = ds[p]
+            s0 += _psi(ys[p] - dt * dp, clip, gross, zero) * dp
+        step += s0
+    return step
+
+
+@_step
+def _poisson_meat(
+    yb, d, centre, ts, runs, dt, dw, consts, auto
+):  # pragma: no cover - compiled
+    """SSR and ``Σψ²t`` (auto) or ``Σψr`` with the weights at ``dw``."""
+    offset, floor, one, zero = consts[0], consts[1], consts[2], consts[5]
+    ssr = meat = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        s0 = s1 = zero
+        for p in range(a, b):
+            dp = d[p]
+            r = yb[p] - dt * dp
+            psi = _weight(dp, centre[p], dw, offset, floor, one) * r
+            s0 += r * r
+            s1 += (psi * psi) * ts[p] if auto else psi * r
+        ssr += s0
+        meat += s1
+    return ssr, meat
+
+
+@_step
+def _huber_meat(
+    yb, d, ts, runs, dt, clip, gross, consts, auto
+):  # pragma: no cover - compiled
+    """SSR, ``Σψ²t`` or ``Σψ²``, and ``Σq²`` or the count of inliers."""
+    one, zero = consts[2], consts[5]
+    ssr = meat = inliers = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        s0 = s1 = s2 = zero
+        for p in range(a, b):
+            dp = d[p]
+            r = yb[p] - dt * dp
+            size = abs(r)
+            psi = _psi(r, clip, gross, zero)
+            s0 += r * r
+            if auto:  # bread: Σ ψ'·q² over the inliers
+                s1 += (psi * psi) * ts[p]
+                s2 += (dp * dp) if size <= clip else zero
+            else:  # the inliers counted in T, exact up to 2**24
+                s1 += psi * psi
+                s2 += one if size <= clip else zero
+        ssr += s0
+        meat += s1
+        inliers += s2
+    return ssr, meat, inliers
+
+
+@_step
+def _gaussian_meat(yb, d, ts, runs, dt, zero, auto):  # pragma: no cover
+    """SSR and ``Σr²t`` (auto)."""
+    ssr = meat = 0.0
+    for j in range(runs.shape[0]):
+        a, b = runs[j, 0], runs[j, 1]
+        s0 = s1 = zero
+        for p in range(a, b):
+            r = yb[p] - dt * d[p]
+            s0 += r * r
+            if auto:
+                s1 += (r * r) * ts[p]
+        ssr += s0
+        meat += s1
+    return ssr, meat
+
+
 def _fit_rows(
     y,
     centre,
@@ -117,15 +262,10 @@ def _fit_rows(
     meets a T value comes from ``consts`` or goes through ``cast``, or
     numba would promote the arithmetic to float64 where numpy's stays in
     T); ``terms`` (n_px) the sandwich term (``auto``) or any T array;
-    ``out`` (rows, WIDTH).
+    ``out`` (rows, WIDTH).  Each row is cast, centred and kept in ``ybuf``
+    (in the L2 cache) by the first step; the IRLS steps read it there.
     """
-    offset = consts[0]
-    floor = consts[1]
-    one = consts[2]
-    huber_c = consts[3]
-    reject = consts[4]
-    zero = consts[5]
-    T = centre.dtype.type
+    huber_c, reject, zero = consts[3], consts[4], consts[5]
     cast = np.empty(2, centre.dtype)  # float64 → T, rounded as numpy does
     ybuf = np.zeros(y.shape[1], centre.dtype)
     n_sample = sample.size
@@ -136,68 +276,22 @@ def _fit_rows(
     candidates = np.empty(n_sample, np.int64)
     histogram = np.empty(2048, np.int32)
     for i in range(y.shape[0]):
-        row = y[i]
-        yb = ybuf
-        # 1. y_c = T(row) − M into ybuf; qᵀy_c, u2ᵀy_c, Σy_c, Σy_c²: the
-        # least-squares start and the output's sums
-        g0 = 0.0
-        h1 = 0.0
-        h2 = 0.0
-        q = 0.0
-        for j in range(runs.shape[0]):
-            a, b = runs[j, 0], runs[j, 1]
-            ys, ds, v2 = yb[a:b], d[a:b], u2[a:b]
-            rs, cs = row[a:b], centre[a:b]
-            s0 = zero
-            s1 = zero
-            s2 = zero
-            s3 = zero
-            for p in range(b - a):
-                yp = T(rs[p]) - cs[p]
-                ys[p] = yp
-                s0 += yp * ds[p]
-                s1 += yp * v2[p]
-                s2 += yp
-                s3 += yp * yp
-            g0 += s0
-            h1 += s1
-            h2 += s2
-            q += s3
-        out[i, S] = h2
-        out[i, H] = h1
-        z = g0
-        previous = z
+        g0, h1, h2, q = _centre_row(y[i], centre, d, u2, runs, ybuf, zero)
+        z = previous = g0
         scale = 0.0
         bread = 1.0
-        # 2. IRLS, one loop per iteration
         for it in range(iterations):
             cast[0] = z
             dt = cast[0]
-            if noise == 1:  # Poisson: weights 1 / max(M + q z − c + f, f)
-                gram = 0.0
-                rhs = 0.0
-                for j in range(runs.shape[0]):
-                    a, b = runs[j, 0], runs[j, 1]
-                    ys, ds, cs = yb[a:b], d[a:b], centre[a:b]
-                    s0 = zero
-                    s1 = zero
-                    for p in range(b - a):
-                        dp = ds[p]
-                        mu = dt * dp + ((cs[p] - offset) + floor)
-                        mu = mu if mu > floor else floor
-                        w = one / mu
-                        s0 += w * (dp * dp)
-                        s1 += w * (ys[p] * dp)
-                    gram += s0
-                    rhs += s1
+            if noise == 1:  # Poisson: weighted least squares
+                bread, rhs = _poisson_step(ybuf, d, centre, runs, dt, consts)
                 previous = z
-                z = rhs / gram
-                bread = gram
-            elif noise == 2:  # Huber: z += q ᵀψ(r)
-                if it < 2:
+                z = rhs / bread
+            elif noise == 2:  # Huber: z += qᵀψ(r)
+                if it < 2:  # the scale settles after two steps
                     if it == 0:
                         for s in range(n_sample):
-                            ysample[s] = yb[sample[s]]
+                            ysample[s] = ybuf[sample[s]]
                             dsample[s] = d[sample[s]]
                     scale = _robust_scale(
                         ysample,
@@ -209,115 +303,45 @@ def _fit_rows(
                         histogram,
                     )
                 cast[1] = scale
-                clip = huber_c * cast[1]
-                gross = reject * cast[1]
-                step = 0.0
-                for j in range(runs.shape[0]):
-                    a, b = runs[j, 0], runs[j, 1]
-                    ys, ds = yb[a:b], d[a:b]
-                    s0 = zero
-                    for p in range(b - a):
-                        dp = ds[p]
-                        r = ys[p] - dt * dp
-                        psi = r if r > -clip else -clip
-                        psi = psi if psi < clip else clip
-                        psi = zero if abs(r) > gross else psi
-                        s0 += psi * dp
-                    step += s0
-                z = z + step
-        # 3. residuals: SSR and the covariance's middle ("meat")
+                z = z + _huber_step(
+                    ybuf,
+                    d,
+                    runs,
+                    dt,
+                    huber_c * cast[1],
+                    reject * cast[1],
+                    zero,
+                )
+        # the residuals: SSR and the covariance's middle ("meat")
         cast[0] = z
         dt = cast[0]
-        ssr = 0.0
-        meat = 0.0  # Σψr, Σψ², Σψ²t or Σr²t
-        count = 0.0  # Huber's inliers (an integer count)
         if noise == 1:
             cast[1] = previous  # the weights of the last iteration
-            dw = cast[1]
-            for j in range(runs.shape[0]):
-                a, b = runs[j, 0], runs[j, 1]
-                ys, ds, cs, ts = yb[a:b], d[a:b], centre[a:b], terms[a:b]
-                s0 = zero
-                s1 = zero
-                if auto:
-                    for p in range(b - a):
-                        dp = ds[p]
-                        r = ys[p] - dt * dp
-                        mu = dw * dp + ((cs[p] - offset) + floor)
-                        mu = mu if mu > floor else floor
-                        psi = (one / mu) * r
-                        s0 += r * r
-                        s1 += (psi * psi) * ts[p]
-                else:
-                    for p in range(b - a):
-                        dp = ds[p]
-                        r = ys[p] - dt * dp
-                        mu = dw * dp + ((cs[p] - offset) + floor)
-                        mu = mu if mu > floor else floor
-                        s0 += r * r
-                        s1 += ((one / mu) * r) * r
-                ssr += s0
-                meat += s1
+            ssr, meat = _poisson_meat(
+                ybuf, d, centre, terms, runs, dt, cast[1], consts, auto
+            )
             if not auto:  # quasi-likelihood: Ω = Σψr · bread
                 meat = meat * bread
         elif noise == 2:
             cast[1] = scale
-            clip = huber_c * cast[1]
-            gross = reject * cast[1]
-            inliers = 0.0
-            for j in range(runs.shape[0]):
-                a, b = runs[j, 0], runs[j, 1]
-                ys, ds, ts = yb[a:b], d[a:b], terms[a:b]
-                s0 = zero
-                s1 = zero
-                s2 = zero
-                if auto:  # bread: Σ ψ'·q² over the inliers
-                    for p in range(b - a):
-                        dp = ds[p]
-                        r = ys[p] - dt * dp
-                        size = abs(r)
-                        psi = r if r > -clip else -clip
-                        psi = psi if psi < clip else clip
-                        psi = zero if size > gross else psi
-                        s0 += r * r
-                        s1 += (psi * psi) * ts[p]
-                        s2 += (dp * dp) if size <= clip else zero
-                else:  # the inliers counted in T, exact up to 2**24
-                    for p in range(b - a):
-                        r = ys[p] - dt * ds[p]
-                        size = abs(r)
-                        psi = r if r > -clip else -clip
-                        psi = psi if psi < clip else clip
-                        psi = zero if size > gross else psi
-                        s0 += r * r
-                        s1 += psi * psi
-                        s2 += one if size <= clip else zero
-                ssr += s0
-                meat += s1
-                inliers += s2
+            ssr, meat, inliers = _huber_meat(
+                ybuf,
+                d,
+                terms,
+                runs,
+                dt,
+                huber_c * cast[1],
+                reject * cast[1],
+                consts,
+                auto,
+            )
             if auto:
                 bread = inliers
             else:  # Huber's classic: Σψ² / (share of inliers)²
-                count = inliers
-                frac = max(count / n, 1.0 / n)
+                frac = max(inliers / n, 1.0 / n)
                 meat = meat / (frac * frac)
         else:
-            for j in range(runs.shape[0]):
-                a, b = runs[j, 0], runs[j, 1]
-                ys, ds, ts = yb[a:b], d[a:b], terms[a:b]
-                s0 = zero
-                s1 = zero
-                if auto:
-                    for p in range(b - a):
-                        r = ys[p] - dt * ds[p]
-                        s0 += r * r
-                        s1 += (r * r) * ts[p]
-                else:
-                    for p in range(b - a):
-                        r = ys[p] - dt * ds[p]
-                        s0 += r * r
-                ssr += s0
-                meat += s1
+            ssr, meat = _gaussian_meat(ybuf, d, terms, runs, dt, zero, auto)
             if not auto:
                 meat = ssr
         out[i, Z] = z
@@ -325,6 +349,8 @@ def _fit_rows(
         out[i, MEAT] = meat
         out[i, SSR] = ssr
         out[i, YY] = q
+        out[i, S] = h2
+        out[i, H] = h1
 
 
 #: :func:`_fit_rows` compiled (nogil, cached on disk).
