@@ -1,5 +1,7 @@
 """Bad input raises, says what is wrong and what to do, and changes nothing."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -107,14 +109,42 @@ def test_nan_in_a_later_chunk_names_that_slice(data):
 
 
 @pytest.mark.parametrize(
-    ('model', 'n_true'), [('mix', 0), ('mix', 1), ('scaled', 2), ('offset', 3)]
-)
+    ('model', 'n_true'), [('mix', 0), ('scaled', 0), ('scaled', 1),
+                          ('offset', 2)],
+)  # fmt: skip
 def test_mask_with_too_few_pixels(data, model, n_true):
     stack, a, b = data
     mask = np.zeros(a.shape, bool)
     mask.flat[:n_true] = True
     with pytest.raises(ValueError, match='mask'):
         fit_stack(stack, a, b, model=model, mask=mask)
+
+
+@pytest.mark.parametrize('noise', ['gaussian', 'poisson', 'huber'])
+@pytest.mark.parametrize('stderr', ['auto', 'ols'])
+@pytest.mark.parametrize(('model', 'k'), [('mix', 1), ('scaled', 2),
+                                          ('offset', 3)])  # fmt: skip
+def test_as_many_pixels_as_coefficients_is_an_exact_fit(
+    data, model, k, noise, stderr
+):
+    # no degrees of freedom left: the fit is exact, its errors NaN
+    stack, a, b = data
+    mask = np.zeros(a.shape, bool)
+    mask.flat[[5, 77, 200][:k]] = True
+    with warnings.catch_warnings():  # two or three pixels: nearly alike
+        warnings.simplefilter('ignore', CollinearityWarning)
+        fit = fit_stack(
+            stack, a, b, model=model, mask=mask, noise=noise, stderr=stderr
+        )
+    assert np.isfinite(fit.coef).all()
+    assert np.isnan(fit.stderr).all() and np.isnan(fit.x_stderr).all()
+    assert np.allclose(fit.rmse, 0, atol=1e-6 * np.abs(stack).max())
+
+
+def test_empty_mask_says_mask(data):
+    stack, a, b = data
+    with pytest.raises(ValueError, match='mask selects no pixel'):
+        fit_stack(stack, a, b, mask=np.zeros(a.shape, bool))
 
 
 def test_unknown_model(data):

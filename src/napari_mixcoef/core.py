@@ -221,7 +221,7 @@ def _refit_omitted(
 def _fit_one(y, refs, keep, design, spec, engine, constraint, rho, chunk):
     """Return the arrays of one slice fitted on ``keep`` (or None)."""
     n = int(keep.sum())
-    if n <= design.k:
+    if n < design.k:
         return None
     own = References(refs.images, keep.reshape(refs.shape), n)
     try:

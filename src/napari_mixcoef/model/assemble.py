@@ -55,6 +55,8 @@ def coefficient_errors(design, stats: SliceStats) -> dict[str, NDArray]:
             free = None if not pattern.any() else free_directions(c, pattern)
             cov_z[rows] = covariance_z(part, n, free)
     cov = lift @ cov_z @ lift.T
+    if held.any():
+        coef = model.snap(coef, held)
     stderr = _diagonal_sqrt(cov)
     fractions, fcov = model.fractions(coef, cov)
     fractions_stderr = _diagonal_sqrt(fcov)

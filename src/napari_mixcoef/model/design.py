@@ -36,9 +36,9 @@ from .references import (
 
 __all__ = ['Design', 'make_design']
 
-#: An extra basis column (M or 1) is dropped when less than this share of
-#: its norm lies outside the span of the columns before it.
-_EXTRA_TOL = 1e-7
+#: A vector with less than this share of its norm outside the span of
+#: those before it is linearly dependent on them in float64.
+_DEPENDENT = 64 * float(np.finfo(np.float64).eps)
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,7 +162,7 @@ def _orthonormalised(rows: NDArray) -> tuple[NDArray, NDArray]:
     -------
     q : (m, n) ndarray
         Orthonormal rows; a row whose vector lies in the span of those
-        before it (less than ``_EXTRA_TOL`` of its norm outside) is zero.
+        before it (less than ``_DEPENDENT`` of its norm outside) is zero.
     r : (m, m) ndarray
         Upper triangular, ``rows[j] = Σ_i r[i, j] q[i]``.
 
@@ -183,7 +183,7 @@ def _orthonormalised(rows: NDArray) -> tuple[NDArray, NDArray]:
             v -= c @ q[:j]
             r[:j, j] += c
         norm = float(np.sqrt(v @ v))
-        if norm > _EXTRA_TOL * size or (norm > 0 and j < m - 1):
+        if norm > _DEPENDENT * size:
             v /= norm
             r[j, j] = norm
         else:
@@ -195,23 +195,41 @@ def _cond(tri: NDArray) -> float:
     """Condition number of an upper triangular matrix (inf if singular)."""
     if tri.shape[0] == 0:
         return 1.0
-    s = np.linalg.svd(tri, compute_uv=False)
-    return math.inf if s[-1] <= 0 else float(s[0] / s[-1])
+    if not np.all(np.diag(tri) > 0):
+        return math.inf
+    return _cond_of(tri)
 
 
 def _check_conditioning(
-    refs: References, model: Model, r: NDArray, dtype, stacklevel: int
+    refs: References,
+    model: Model,
+    r: NDArray,
+    coords: NDArray,
+    dtype,
+    stacklevel: int,
 ) -> float:
     """Raise for a design singular in ``dtype``; warn when it is poor.
 
     ``r`` is the triangular factor of the unit-normalised references and
-    the constant (see :func:`make_design`).
+    the constant, ``coords`` the model's design in their orthonormal basis
+    (see :func:`make_design`).  The references themselves must be linearly
+    independent (a mix of collinear references is a change of brightness)
+    wherever there are pixels enough for that; a mix of more references
+    than pixels needs only their differences to be independent.
     """
     k = refs.k
     limit = singular_cond(dtype)
-    cond = _cond(r[:k, :k])
+    linear = _cond(r[:k, :k])
+    cond = linear
+    if model.name == 'mix':
+        norms = np.sqrt(np.einsum('ij,ij->j', coords, coords))
+        with np.errstate(divide='ignore', invalid='ignore'):
+            affine = _cond_of(coords / norms) if norms.all() else math.inf
+        if refs.n_pixels < k:  # more references than pixels
+            linear, cond = affine, affine
+        linear = max(linear, affine)
     names = refs.names
-    if cond >= limit:
+    if linear >= limit:
         if k == 1:
             raise ValueError(
                 f'{names[0]} is zero over the fitted pixels (collinear with '
@@ -221,14 +239,14 @@ def _check_conditioning(
             raise ValueError(
                 f'{names[0]} and {names[1]} are collinear (one is a '
                 'multiple of the other over the fitted pixels; condition '
-                f'number {cond:.3g}), so their mix cannot be told apart from '
-                'a change of brightness; choose two references that differ '
-                'in pattern'
+                f'number {linear:.3g}), so their mix cannot be told apart '
+                'from a change of brightness; choose two references that '
+                'differ in pattern'
             )
         raise ValueError(
             'the references are collinear: one of them is a linear '
             'combination of the others over the fitted pixels (condition '
-            f'number {cond:.3g}), so their fractions cannot be told apart; '
+            f'number {linear:.3g}), so their fractions cannot be told apart; '
             'leave the redundant reference out (see '
             'reference_diagnostics()) or choose references that differ in '
             'pattern'
@@ -246,6 +264,12 @@ def _check_conditioning(
         cond = max(cond, cond_offset)
     warn_if_ill_conditioned(refs, cond, stacklevel + 1)
     return cond
+
+
+def _cond_of(matrix: NDArray) -> float:
+    """Condition number of any matrix (its singular values' ratio)."""
+    s = np.linalg.svd(matrix, compute_uv=False)
+    return math.inf if s.size == 0 or s[-1] <= 0 else float(s[0] / s[-1])
 
 
 def _model_coordinates(model: Model, r: NDArray, scale: NDArray) -> NDArray:
@@ -297,14 +321,15 @@ def make_design(
     """
     model = make_model(model_name, refs.k)
     n = refs.n_pixels
-    if n <= model.k:
+    if n < model.k:
         where = 'the images have'
         if refs.mask is not None:
             where = 'the mask selects'
         raise ValueError(
             f'{where} {n} pixel(s), but the {model.name!r} model has '
-            f'{model.k} coefficient(s) and needs more than {model.k} fitted '
-            'pixels; select more pixels in the mask'
+            f'{model.k} coefficient(s) and needs at least {model.k} fitted '
+            'pixels (more for standard errors); select more pixels in the '
+            'mask'
         )
     dtype = working_dtype(stack_dtype)
     fitted = refs.fitted()
@@ -316,9 +341,11 @@ def make_design(
     unit[:-1][norms == 0] = 0.0  # a zero reference: singular below
     unit[-1] = 1.0 / scale[-1]
     q, r = _orthonormalised(unit)
-    cond = _check_conditioning(refs, model, r, dtype, stacklevel + 1)
     kept = np.flatnonzero(np.diag(r) > 0)
     coords = _model_coordinates(model, r, scale)[kept]
+    cond = _check_conditioning(
+        refs, model, r, coords, dtype, stacklevel + 1
+    )
     u, s = np.linalg.qr(coords)  # (kept, k) and (k, k)
     # a positive diagonal: q₁ points along the design's first column
     signs = np.where(np.diag(s) < 0, -1.0, 1.0)

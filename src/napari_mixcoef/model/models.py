@@ -106,6 +106,28 @@ class Model:
         out[:, : self.n_references] = active
         return out
 
+    def snap(self, coef: NDArray, active: NDArray[np.bool_]) -> NDArray:
+        """Coefficients with the weights at their bound exactly there.
+
+        A constrained fit holds an active weight at 0 only to rounding; the
+        reported coefficient is the bound itself (as ``nnls`` gives it).
+
+        Parameters
+        ----------
+        coef : (n, m) ndarray
+            Reported coefficients (modified in place and returned).
+        active : (n, K) ndarray of bool
+            Weights at their bound.
+        """
+        if self.name == 'mix' and self.n_references == 2:
+            x = coef[:, 0]
+            x[active[:, 0]] = 0.0
+            x[active[:, 1]] = 1.0  # 1 − x is held at 0
+            return coef
+        block = coef[:, : self.n_references]
+        block[active] = 0.0
+        return coef
+
     def design(self, fitted: NDArray[np.float64]) -> NDArray[np.float64]:
         """Design columns as rows, ``(k, n)``, from fitted reference pixels.
 
