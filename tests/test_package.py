@@ -51,4 +51,5 @@ def test_manifest_declares_what_exists():
     assert [w.display_name for w in manifest.contributions.widgets] == [
         'Mixing coefficients'
     ]
-    assert [s.key for s in manifest.contributions.sample_data] == ['mixture']
+    keys = [s.key for s in manifest.contributions.sample_data]
+    assert keys == ['mixture', 'three_states']

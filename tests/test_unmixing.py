@@ -480,3 +480,18 @@ def test_diagnostics_for_k_references():
     near = reference_diagnostics(a, b, 0.5 * a + 0.5 * b + 1e-3 * c)
     assert near['unique_energy_fraction'].min() < 1e-4
     assert near['nearly_collinear']
+
+
+def test_three_states_sample():
+    from napari_mixcoef.sample_data import make_three_states
+
+    stack, refs, truth = make_three_states()
+    assert stack.dtype == np.uint16 and stack.shape == (300, 128, 128)
+    assert len(refs) == 3 and truth.shape == (300, 3)
+    assert_allclose(truth.sum(1), 1.0)
+    assert (truth == 0).any(axis=0).all()  # each state vanishes somewhere
+    assert np.abs(np.diff(truth, axis=0)).max() < 0.05  # smoothly
+    fit = fit_stack(stack, *refs, noise='poisson', camera_offset=100.0,
+                    constraint='nonneg')  # fmt: skip
+    assert np.all(np.abs(fit.fractions - truth) < 0.01)
+    assert fit.at_bound.any()

@@ -1,9 +1,11 @@
-"""The "mixture" sample: a noisy uint16 stack mixed from two references.
+"""The samples: noisy uint16 stacks mixed from known references.
 
-Built from scikit-image's immunohistochemistry image, which ships inside its
-wheel (nothing is downloaded): its haematoxylin and DAB stain channels
-(separated with :func:`skimage.color.rgb2hed`) stand in for two fluorophore
-distributions.  Pure numpy; no napari import.
+"mixture" mixes two references, "three_states" three.  Both are built from
+images that ship inside scikit-image's wheel (nothing is downloaded): the
+haematoxylin and DAB stain channels of its immunohistochemistry image
+(separated with :func:`skimage.color.rgb2hed`) and its phase-contrast cell
+image stand in for fluorophore distributions.  Pure numpy; no napari
+import.
 """
 
 from __future__ import annotations
@@ -58,20 +60,9 @@ def make_mixture(
     truth_x : (n_slices,) ndarray of float64
         The mixing coefficients used, slowly varying within 0.4–0.7.
     """
-    from skimage import color, data, filters
+    from skimage import filters
 
-    rgb = data.immunohistochemistry()
-    hed = color.rgb2hed(rgb)
-    y0, x0 = 200, 240  # a field with both stains
-    crop = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
-    refs = []
-    for channel in (0, 2):  # haematoxylin, DAB
-        stain = filters.gaussian(hed[..., channel], sigma=1.0)[crop]
-        stain = (stain - stain.min()) / (np.ptp(stain) or 1.0)
-        # a dim background so that no pixel is dark: real references never
-        # are, and Poisson noise needs a positive mean
-        refs.append(photons * (0.25 + 1.5 * stain / stain.mean() / 2))
-    a, b = refs
+    a, b = _stains(shape, photons)
     t = np.arange(n_slices)
     truth = 0.55 + 0.1 * np.sin(2 * np.pi * t / 160) + 0.03 * np.sin(t / 9)
     truth = np.clip(truth, 0.4, 0.7)
@@ -144,3 +135,136 @@ def sample_mixture() -> list[tuple]:
             'image',
         ),
     ]
+
+
+def _photons(image: NDArray, photons: float) -> NDArray[np.float64]:
+    """Scale a pattern to a reference in photons, with a dim background.
+
+    No pixel is dark: real references never are, and Poisson noise needs a
+    positive mean.
+    """
+    image = (image - image.min()) / (np.ptp(image) or 1.0)
+    return photons * (0.25 + 1.5 * image / image.mean() / 2)
+
+
+def _stains(shape: tuple[int, int], photons: float) -> list[NDArray]:
+    """Haematoxylin and DAB of a field with both stains, in photons."""
+    from skimage import color, data, filters
+
+    hed = color.rgb2hed(data.immunohistochemistry())
+    y0, x0 = 200, 240
+    crop = (slice(y0, y0 + shape[0]), slice(x0, x0 + shape[1]))
+    return [
+        _photons(filters.gaussian(hed[..., channel], sigma=1.0)[crop], photons)
+        for channel in (0, 2)
+    ]
+
+
+def _cells(shape: tuple[int, int], photons: float) -> NDArray[np.float64]:
+    """Phase-contrast cells (scikit-image's cell image), in photons."""
+    from skimage import data, filters, transform
+
+    cells = data.cell().astype(np.float64)
+    cells = transform.resize(cells[:512, :512], shape, anti_aliasing=True)
+    return _photons(filters.gaussian(cells, sigma=1.0), photons)
+
+
+def three_state_fractions(n_slices: int) -> NDArray[np.float64]:
+    """Return smoothly varying fractions of three states, (n_slices, 3).
+
+    They sum to one, and each is zero over a stretch of slices.
+    """
+    t = np.arange(n_slices) / max(n_slices, 1)
+    phase = 2 * np.pi * t + 2 * np.pi * np.arange(3)[:, None] / 3
+    raw = np.clip(1 / 3 + 0.55 * np.cos(phase), 0, None).T
+    return raw / raw.sum(axis=1, keepdims=True)
+
+
+def make_three_states(
+    n_slices: int = 300,
+    shape: tuple[int, int] = (128, 128),
+    *,
+    photons: float = 900.0,
+    camera_offset: float = 100.0,
+    read_noise: float = 3.0,
+    seed: int = 0,
+) -> tuple[NDArray[np.uint16], list[NDArray[np.float32]], NDArray]:
+    """Make the "three_states" sample.
+
+    Parameters
+    ----------
+    n_slices : int
+        Number of slices.
+    shape : tuple of int
+        Slice shape (at most 512 × 512).
+    photons : float
+        Mean photon count of a reference image.
+    camera_offset, read_noise : float
+        Camera baseline (counts) and Gaussian read noise (counts, sd).
+    seed : int
+        Seed of the noise.
+
+    Returns
+    -------
+    stack : (n_slices, *shape) ndarray of uint16
+        ``Σ_k x_k R_k`` in photons, Poisson-sampled, plus read noise and
+        the camera offset.
+    references : list of three (*shape) ndarray of float32
+        The noise-free states in counts (offset included).
+    truth : (n_slices, 3) ndarray of float64
+        The fractions used (:func:`three_state_fractions`).
+    """
+    refs = [*_stains(shape, photons), _cells(shape, photons)]
+    truth = three_state_fractions(n_slices)
+    mean = np.tensordot(truth, np.stack(refs), axes=(1, 0))
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(mean) + rng.normal(0, read_noise, mean.shape)
+    stack = np.clip(np.rint(counts + camera_offset), 0, 65535)
+    return (
+        stack.astype(np.uint16),
+        [(r + camera_offset).astype(np.float32) for r in refs],
+        truth,
+    )
+
+
+def sample_three_states() -> list[tuple]:
+    """Return the "three_states" sample as napari layer data tuples.
+
+    Returns
+    -------
+    list of (data, kwargs, layer_type)
+        "state 1", "state 2", "state 3" and "three states stack" (uint16,
+        ``metadata["truth_fractions"]`` of shape (n, 3)).
+    """
+    stack, refs, truth = make_three_states()
+    limits = [
+        float(min(r.min() for r in refs)),
+        float(max(r.max() for r in refs)),
+    ]
+    layers = [
+        (
+            ref,
+            {
+                'name': f'state {i + 1}',
+                'colormap': colormap,
+                'contrast_limits': limits,
+                'visible': False,
+            },
+            'image',
+        )
+        for i, (ref, colormap) in enumerate(
+            zip(refs, ('magenta', 'green', 'cyan'))
+        )
+    ]
+    layers.append(
+        (
+            stack,
+            {
+                'name': 'three states stack',
+                'contrast_limits': limits,
+                'metadata': {'truth_fractions': truth},
+            },
+            'image',
+        )
+    )
+    return layers

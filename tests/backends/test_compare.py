@@ -396,6 +396,7 @@ def test_warm_up_leaves_nothing_to_compile():
         kernels.sums_one,
         kernels.sums_many,
         kernels.residual_sums,
+        kernels.residual_squares,
         kernels.lag_products,
         irls.fit_rows,
     ]

@@ -369,7 +369,13 @@ def _covariance_parts(resid, weights, bread, scale, view, spec, n):
         psi2 = np.vecdot(psi, psi).astype(np.float64)
         frac = np.maximum(frac, 1.0 / n)
         return (psi2 / frac**2)[:, None] * identity, None, False
-    # sandwich: bread⁻¹ Ω bread⁻¹, Ω = Σ ψ² · terms (spatial HAC)
+    # sandwich: bread⁻¹ Ω bread⁻¹, Ω = Σ ψ² · terms (spatial HAC), over
+    # the design's sample of pixels for several coefficients
     squares = np.square(psi, out=psi)  # psi is not needed after
-    meat = np.dot(squares, view.terms.T).astype(np.float64)
+    if view.meat is None:
+        meat = np.dot(squares, view.terms.T).astype(np.float64)
+    else:
+        picked = view.terms[:, view.meat]
+        meat = np.dot(squares[:, view.meat], picked.T).astype(np.float64)
+        meat *= view.meat_scale
     return meat, None if bread is None else pack(bread), True

@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 from ...model.constraints import solve
 from ...model.noise import BlockFit
 from ...model.spatial import pack
-from ...model.sums import SumsLayout
+from ...model.sums import SumsLayout, ssr_of, suspect
 
 __all__ = ['DTYPES', 'NumbaBackend', 'make_backend']
 
@@ -175,14 +175,17 @@ class NumbaBackend:
             z = np.ascontiguousarray(sums.g)
         else:
             z, active = solve(sums.g, *constraint)
+        ssr = ssr_of(sums, k, None if constraint is None else z)
+        # where the difference of sums cancels (R² ≈ 1), explicit residuals
+        bad = np.flatnonzero(suspect(sums, ssr, view.dtype) & np.isfinite(ssr))
+        if bad.size:
+            exact = np.zeros((bad.size, 1))
+            rows = np.ascontiguousarray(y[bad])
+            self.residual_sums(rows, view, z[bad], None, exact)
+            ssr[bad] = exact[:, 0]
         auto = spec.stderr == 'auto'
-        terms = view.terms if auto else None
-        n_terms = 0 if terms is None else terms.shape[0]
-        res = np.zeros((len(y), 1 + n_terms))
-        self.residual_sums(y, view, z, terms, res)
-        ssr = res[:, 0]
-        if auto:
-            meat = res[:, 1:]
+        if auto:  # the meat, over the design's sample of pixels
+            meat = self._meat(y, view, z)
         else:
             meat = ssr[:, None] * pack(np.eye(k))[None]
         return BlockFit(
@@ -190,12 +193,28 @@ class NumbaBackend:
             meat=meat,
             bread=None,
             sandwich=auto,
-            ssr=ssr,
+            ssr=np.maximum(ssr, 0.0),
             yy=sums.yy.copy(),
             s=sums.s.copy(),
             h=sums.h.copy(),
             active=active,
         )
+
+    def _meat(self, y, view, z) -> NDArray:
+        """``Σ r²·terms`` over the meat's sample: squares, then one GEMM."""
+        terms = view.meat_terms
+        squares = np.empty((len(y), terms.shape[1]), view.dtype)
+        self._kernels.residual_squares(
+            y,
+            view.centre,
+            view.basis,
+            np.ascontiguousarray(z, dtype=np.float64),
+            view.sampled().runs(self._kernels.RUN),
+            squares,
+        )
+        # np.dot (not @) releases the GIL: the chunk threads overlap
+        meat = np.dot(squares, terms.T).astype(np.float64)
+        return meat * view.meat_scale
 
     def lag_products(self, buf, n, offsets) -> NDArray:
         """Sum the lags in one compiled call, nine offsets per load."""

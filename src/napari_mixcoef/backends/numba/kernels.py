@@ -331,6 +331,41 @@ def residual_sums(y, centre, basis, z, k, terms, runs, out):
 
 
 @jit
+def residual_squares(y, centre, basis, z, runs, out):  # pragma: no cover
+    """Write ``r²`` of ``r = y_c − Σ_j z_j q_j`` at the pixels of ``runs``.
+
+    ``out`` (rows, Σ run lengths) in the working dtype gets the squares
+    run after run, compacted: a BLAS product with the sandwich terms of
+    the same pixels then gives the meat.  One row at a time: the residual
+    is one vectorized pass per basis vector over a run in L1.
+    """
+    rows = y.shape[0]
+    k = basis.shape[0]
+    wt = centre.dtype.type
+    buf = np.empty(RUN, centre.dtype)
+    coef = np.empty(max(k, 1), centre.dtype)
+    for i in range(rows):
+        for j in range(k):
+            coef[j] = wt(z[i, j])
+        row = y[i]
+        o = 0
+        for g in range(runs.shape[0]):
+            p0, p1 = runs[g, 0], runs[g, 1]
+            m = p1 - p0
+            cs, yr = centre[p0:p1], row[p0:p1]
+            for p in range(m):
+                buf[p] = wt(yr[p]) - cs[p]
+            for j in range(k):
+                q, cj = basis[j, p0:p1], coef[j]
+                for p in range(m):
+                    buf[p] -= cj * q[p]
+            dest = out[i, o : o + m]
+            for p in range(m):
+                dest[p] = buf[p] * buf[p]
+            o += m
+
+
+@jit
 def lag_products(a, n, starts, out):
     """Add ``Σ_{p<n} a[p]·a[p + s + m]``, m = 0..8, into ``out[g, m]``.
 
