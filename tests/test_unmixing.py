@@ -495,3 +495,31 @@ def test_three_states_sample():
                     constraint='nonneg')  # fmt: skip
     assert np.all(np.abs(fit.fractions - truth) < 0.01)
     assert fit.at_bound.any()
+
+
+@pytest.mark.slow
+def test_sampled_meat_keeps_errors_honest():
+    # slices of 96 × 96: robust errors of two or more coefficients sum the
+    # meat over a sample of the pixels; under correlated noise the
+    # intervals of every fraction still cover
+    from napari_mixcoef.model.design import MEAT_PIXELS
+
+    rng = np.random.default_rng(12)
+    shape = (96, 96)
+    assert shape[0] * shape[1] >= 2 * MEAT_PIXELS
+    refs = references(3, shape=shape, seed=13)
+    x = fractions_on_simplex(rng, 1500, 3, low=0.1)
+    clean = np.tensordot(x, np.stack(refs), axes=(1, 0))
+    pad = 6
+    white = rng.normal(0, 60.0, (len(x), shape[0] + 2 * pad,
+                                 shape[1] + 2 * pad)).astype(np.float32)  # fmt: skip
+    blurred = ndimage.gaussian_filter(white, sigma=(0, 1.0, 1.0))
+    stack = (clean + blurred[:, pad:-pad, pad:-pad]).astype(np.float32)
+    fit = fit_stack(stack, *refs)
+    assert fit._design.meat is not None  # the sample was used
+    assert 0.93 <= coverage(fit, x) <= 0.97, coverage(fit, x)
+    # within a few per cent of the errors from every pixel (numpy, one
+    # slice at a time: the sample is drawn for whole images only)
+    spread = np.std(fit.fractions - x, axis=0)
+    reported = np.sqrt(np.mean(fit.fractions_stderr**2, axis=0))
+    assert_allclose(reported, spread, rtol=0.06)

@@ -46,8 +46,9 @@ _DEPENDENT = 64 * float(np.finfo(np.float64).eps)
 #: error by ~1.5 %, and a pass over every pixel for k(k+1)/2 terms would
 #: cost more than the rest of the fit.
 MEAT_PIXELS = 4096
-#: Pixels per chunk of that sample: whole chunks are drawn.
-MEAT_CHUNK = 256
+#: Pixels per chunk of that sample: whole chunks are drawn (runs long
+#: enough for the compiled passes, many enough to spread over the image).
+MEAT_CHUNK = 64
 
 
 def meat_sample(
@@ -528,18 +529,36 @@ class DesignView:
 
     @property
     def meat_terms(self) -> NDArray:
-        """The sandwich terms at the meat's pixels, compacted: (P, n_s).
+        """The sandwich terms at the meat's pixels, weighted: (P, n_s).
 
-        In the order the compiled residual squares come (runs of the
-        sample, each in order).
+        Every fitted pixel (weight 1), or the sample with calibration
+        weights: ``w_p = s(1 + λᵀ T_p)`` with ``s = n / n_s`` and ``λ``
+        such that the weighted sample sums of the terms equal their sums
+        over every fitted pixel (a regression estimator, Deville and
+        Särndal 1992).  So the sample's meat is exact in expectation for
+        noise of even variance, whatever the references' pattern, and a
+        fixed sample costs no bias.  Compacted in the order the compiled
+        residual squares come (runs of the sample, each in order).
         """
         cached = self.__dict__.get('_meat_terms')
         if cached is None:
-            keep = self.sampled().fitted
-            terms = self.terms if keep is None else self.terms[:, keep]
-            cached = np.ascontiguousarray(terms)
+            cached = np.ascontiguousarray(self._weighted_terms())
             object.__setattr__(self, '_meat_terms', cached)
         return cached
+
+    def _weighted_terms(self) -> NDArray:
+        terms = self.terms
+        if self.meat is None:
+            return terms if self.fitted is None else terms[:, self.fitted]
+        every = terms if self.fitted is None else terms[:, self.fitted]
+        total = every.sum(axis=1, dtype=np.float64)
+        picked = terms[:, self.meat].astype(np.float64)
+        scale = self.meat_scale
+        gram = scale * (picked @ picked.T)
+        gap = total - scale * picked.sum(axis=1)
+        lam = np.linalg.lstsq(gram, gap, rcond=None)[0]
+        weights = scale * (1.0 + lam @ picked)
+        return (picked * weights).astype(self.dtype)
 
     def runs(self, length: int) -> NDArray[np.int64]:
         """Return the runs of fitted pixels, ``(r, 2)`` starts and stops.

@@ -374,8 +374,7 @@ def _covariance_parts(resid, weights, bread, scale, view, spec, n):
     squares = np.square(psi, out=psi)  # psi is not needed after
     if view.meat is None:
         meat = np.dot(squares, view.terms.T).astype(np.float64)
-    else:
-        picked = view.terms[:, view.meat]
-        meat = np.dot(squares[:, view.meat], picked.T).astype(np.float64)
-        meat *= view.meat_scale
+    else:  # the sample's squares times its calibrated terms
+        sampled = squares[:, view.meat]
+        meat = np.dot(sampled, view.meat_terms.T).astype(np.float64)
     return meat, None if bread is None else pack(bread), True

@@ -213,8 +213,7 @@ class NumbaBackend:
             squares,
         )
         # np.dot (not @) releases the GIL: the chunk threads overlap
-        meat = np.dot(squares, terms.T).astype(np.float64)
-        return meat * view.meat_scale
+        return np.dot(squares, terms.T).astype(np.float64)
 
     def lag_products(self, buf, n, offsets) -> NDArray:
         """Sum the lags in one compiled call, nine offsets per load."""
