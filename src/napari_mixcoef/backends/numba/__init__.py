@@ -176,13 +176,13 @@ class NumbaBackend:
         else:
             z, active = solve(sums.g, *constraint)
         ssr = ssr_of(sums, k, None if constraint is None else z)
-        # where the difference of sums cancels (R² ≈ 1), explicit residuals
-        bad = np.flatnonzero(suspect(sums, ssr, view.dtype) & np.isfinite(ssr))
-        if bad.size:
-            exact = np.zeros((bad.size, 1))
-            rows = np.ascontiguousarray(y[bad])
-            self.residual_sums(rows, view, z[bad], None, exact)
-            ssr[bad] = exact[:, 0]
+        # where the difference of sums cancels (R² ≈ 1), explicit residuals,
+        # run by run of such rows (views of the block, not a copy)
+        bad = suspect(sums, ssr, view.dtype) & np.isfinite(ssr)
+        for a, b in _runs_of_true(bad):
+            exact = np.zeros((b - a, 1))
+            self.residual_sums(y[a:b], view, z[a:b], None, exact)
+            ssr[a:b] = exact[:, 0]
         auto = spec.stderr == 'auto'
         if auto:  # the meat, over the design's sample of pixels
             meat = self._meat(y, view, z)
@@ -238,3 +238,9 @@ class NumbaBackend:
 
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
+
+
+def _runs_of_true(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive True values."""
+    edges = np.flatnonzero(np.diff(flags.astype(np.int8), prepend=0, append=0))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
