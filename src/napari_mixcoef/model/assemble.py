@@ -25,6 +25,11 @@ def _diagonal_sqrt(cov: NDArray) -> NDArray:
     return np.sqrt(np.maximum(np.diagonal(cov, axis1=-2, axis2=-1), 0.0))
 
 
+#: Slices mapped at a time by :func:`_linear_errors` (its temporaries stay
+#: in the cache).
+_CHUNK = 1 << 15
+
+
 def coefficient_errors(design, stats: SliceStats) -> dict[str, NDArray]:
     """Coefficients, fractions and their errors of every slice.
 
@@ -34,6 +39,91 @@ def coefficient_errors(design, stats: SliceStats) -> dict[str, NDArray]:
         ``coef``, ``stderr`` (n, m); ``fractions``, ``fractions_stderr``
         (n, K); ``at_bound`` (n,) bool.
     """
+    unconstrained = stats.active is None or not stats.active.any()
+    if stats.bread is None and unconstrained:
+        return _linear_errors(design, stats)
+    return _matrix_errors(design, stats)
+
+
+def _packed_map(left: NDArray, right: NDArray, k: int) -> NDArray:
+    """``(P, r)``: row ``i`` of ``left Ω rightᵀ``'s diagonal from packed Ω.
+
+    For symmetric ``Ω`` packed as its upper triangle (P values), ``Σ_ab
+    left_ia Ω_ab right_ib`` is ``packed @ M`` with this ``M``.
+    """
+    a, b = np.triu_indices(k)
+    both = left[:, a] * right[:, b] + left[:, b] * right[:, a]
+    both[:, a == b] *= 0.5
+    return both.T
+
+
+def _linear_errors(design, stats: SliceStats) -> dict[str, NDArray]:
+    """Map unconstrained least-squares fits, without per-slice matrices.
+
+    The covariance of ``z`` is the packed meat times one number, so every
+    variance wanted (of the coefficients, and the pieces of the fractions')
+    is a fixed linear map of the packed meat: one small product per
+    chunk of slices.
+    """
+    model = design.model
+    k, m, big_k = model.k, model.m, model.n_references
+    n_slices = stats.z.shape[0]
+    lift = model.expand @ design.tri_inv  # (m, k): β = β0 + lift z
+    dof = design.n_pixels - k
+    scale = math.nan
+    if dof > 0:
+        scale = design.n_pixels / dof if stats.sandwich else 1.0 / dof
+    var_coef = scale * _packed_map(lift, lift, k)  # (P, m)
+    coef = np.empty((n_slices, m))
+    stderr = np.empty((n_slices, m))
+    mix = model.name == 'mix'
+    if mix:  # the fractions are the coefficients (and 1 − x for two)
+        fractions = coef if big_k > 2 else np.empty((n_slices, big_k))
+        fractions_stderr = (
+            stderr if big_k > 2 else np.empty((n_slices, big_k))
+        )
+    else:
+        part = lift[:big_k]  # a = β0[:K] + part z
+        sums = part.sum(axis=0, keepdims=True)  # Σ_i a_i
+        var_diag = scale * _packed_map(part, part, k)
+        var_row = scale * _packed_map(part, np.repeat(sums, big_k, 0), k)
+        var_total = scale * _packed_map(sums, sums, k)
+        fractions = np.empty((n_slices, big_k))
+        fractions_stderr = np.empty((n_slices, big_k))
+    for start in range(0, n_slices, _CHUNK):
+        rows = slice(start, start + _CHUNK)
+        meat = stats.meat[rows]
+        np.add(model.beta0, stats.z[rows] @ lift.T, out=coef[rows])
+        stderr[rows] = np.sqrt(np.maximum(meat @ var_coef, 0.0))
+        if mix:
+            if big_k == 2:
+                x = coef[rows, 0]
+                fractions[rows, 0] = x
+                fractions[rows, 1] = 1.0 - x
+                fractions_stderr[rows] = stderr[rows, :1]  # both shares'
+            continue
+        a = coef[rows, :big_k]
+        total = a.sum(axis=1, keepdims=True)
+        with np.errstate(divide='ignore', invalid='ignore'):
+            f = a / total
+            var = (
+                meat @ var_diag
+                - 2.0 * f * (meat @ var_row)
+                + f * f * (meat @ var_total)
+            ) / (total * total)
+        fractions[rows] = f
+        fractions_stderr[rows] = np.sqrt(np.maximum(var, 0.0))
+    return {
+        'coef': coef,
+        'stderr': stderr,
+        'fractions': fractions,
+        'fractions_stderr': fractions_stderr,
+        'at_bound': np.zeros(n_slices, bool),
+    }
+
+
+def _matrix_errors(design, stats: SliceStats) -> dict[str, NDArray]:
+    """Map fits through per-slice matrices (constraints, IRLS breads)."""
     model = design.model
     n_slices = stats.z.shape[0]
     lift = model.expand @ design.tri_inv  # (m, k)
