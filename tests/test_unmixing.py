@@ -511,8 +511,8 @@ def test_sampled_meat_keeps_errors_honest():
     x = fractions_on_simplex(rng, 1500, 3, low=0.1)
     clean = np.tensordot(x, np.stack(refs), axes=(1, 0))
     pad = 6
-    white = rng.normal(0, 60.0, (len(x), shape[0] + 2 * pad,
-                                 shape[1] + 2 * pad)).astype(np.float32)  # fmt: skip
+    size = (len(x), shape[0] + 2 * pad, shape[1] + 2 * pad)
+    white = rng.normal(0, 60.0, size).astype(np.float32)
     blurred = ndimage.gaussian_filter(white, sigma=(0, 1.0, 1.0))
     stack = (clean + blurred[:, pad:-pad, pad:-pad]).astype(np.float32)
     fit = fit_stack(stack, *refs)

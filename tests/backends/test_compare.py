@@ -22,8 +22,8 @@ from conftest import make_stack
 KEYS = ('coef', 'stderr', 'x', 'x_stderr', 'r2', 'rmse')
 
 
-def reference_fit(stack, a, b, **kwargs):
-    return fit_stack(stack, a, b, backend='numpy', **kwargs)
+def reference_fit(stack, *references, **kwargs):
+    return fit_stack(stack, *references, backend='numpy', **kwargs)
 
 
 def assert_same(got, want, rtol):
@@ -422,3 +422,35 @@ def test_warm_up_leaves_nothing_to_compile():
                         if n != before[name]
                     }
                     assert not new, (dtype, model, noise, stderr, new)
+
+
+@pytest.mark.parametrize('dtype', [np.float64, np.float32, np.uint16])
+@pytest.mark.parametrize('masked', [False, True])
+def test_spectra_pixel_by_pixel(backend, dtype, masked):
+    # a channel-last image fitted with 1-D references: millions of slices
+    # of a few pixels go side by side in the compiled kernels
+    rng = np.random.default_rng(21)
+    lam = np.linspace(0, 1, 9)
+    spectra = [
+        200 * np.exp(-(((lam - c) / 0.3) ** 2)) + 20 for c in (0.1, 0.5, 0.9)
+    ]
+    x = rng.dirichlet(np.ones(3), (37, 23))
+    image = x @ np.stack(spectra) + rng.normal(0, 2.0, (37, 23, 9))
+    image = np.clip(image, 0, None).astype(dtype)
+    mask = None
+    if masked:
+        mask = np.ones(9, bool)
+        mask[4] = False
+    for stderr in ('auto', 'ols'):
+        got = fit_stack(image, *spectra, mask=mask, stderr=stderr,
+                        backend=backend)  # fmt: skip
+        want = reference_fit(image, spectra[0], spectra[1], spectra[2],
+                             mask=mask, stderr=stderr)  # fmt: skip
+        assert got.x.shape == (37, 23)
+        rtol = 1e-9 if dtype == np.float64 else 2e-5
+        atol = 1e-4 * np.nanmedian(want.fractions_stderr)
+        assert_allclose(got.fractions, want.fractions, rtol=rtol, atol=atol)
+        assert_allclose(
+            got.fractions_stderr, want.fractions_stderr, rtol=10 * rtol
+        )
+        assert_allclose(got.rmse, want.rmse, rtol=10 * rtol)

@@ -560,6 +560,18 @@ class DesignView:
         weights = scale * (1.0 + lam @ picked)
         return (picked * weights).astype(self.dtype)
 
+    @property
+    def fitted_index(self) -> NDArray[np.int64]:
+        """Indices of the fitted pixels of the range, ascending."""
+        cached = self.__dict__.get('_fitted_index')
+        if cached is None:
+            if self.fitted is None:
+                cached = np.arange(self.n_px, dtype=np.int64)
+            else:
+                cached = np.flatnonzero(self.fitted).astype(np.int64)
+            object.__setattr__(self, '_fitted_index', cached)
+        return cached
+
     def runs(self, length: int) -> NDArray[np.int64]:
         """Return the runs of fitted pixels, ``(r, 2)`` starts and stops.
 

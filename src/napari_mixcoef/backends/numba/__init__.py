@@ -47,7 +47,7 @@ DTYPES = frozenset(
 def make_backend():
     """Return the numba backend, or None when numba is not installed."""
     try:
-        from . import irls, kernels  # noqa: F401 - imports numba
+        from . import irls, kernels, tiny  # noqa: F401 - imports numba
     except ImportError:
         return None
     return NumbaBackend()
@@ -59,10 +59,11 @@ class NumbaBackend:
     name = 'numba'
 
     def __init__(self) -> None:
-        from . import irls, kernels
+        from . import irls, kernels, tiny
 
         self._kernels = kernels
         self._irls = irls
+        self._tiny = tiny
         self._lag_groups: dict = {}
 
     def supports(self, dtype, k, spec, constrained) -> bool:
@@ -77,10 +78,31 @@ class NumbaBackend:
             return False
         return spec.noise == 'gaussian' or (k == 1 and not constrained)
 
+    def _is_tiny(self, view) -> bool:
+        """Whether slices are so small that they go side by side."""
+        return view.fitted_index.size <= self._tiny.TINY_PIXELS
+
     def block_sums(self, y, view, sums) -> None:
         """Add each row's sums (one compiled pass) into ``sums``."""
         layout = sums.layout
         kernels = self._kernels
+        if self._is_tiny(view):
+            cols = np.array(
+                [layout.s, layout.h, layout.yy, layout.hy, layout.hq]
+            )
+            if not layout.hac:
+                cols[3:] = 0
+            self._tiny.tiny_sums(
+                y,
+                view.centre,
+                view.dtype.type(view.mean),
+                view.basis,
+                view.hac if layout.hac else None,
+                view.fitted_index,
+                sums.raw,
+                cols,
+            )
+            return
         runs = view.runs(kernels.RUN)
         mean = view.dtype.type(view.mean)
         if layout.k == 1:
@@ -112,6 +134,17 @@ class NumbaBackend:
 
     def residual_sums(self, y, view, z, terms, out) -> None:
         """Add ``Σr²`` and ``Σr²·terms`` (one compiled pass) into ``out``."""
+        if self._is_tiny(view):
+            self._tiny.tiny_meat(
+                y,
+                view.centre,
+                view.basis,
+                np.ascontiguousarray(z, dtype=np.float64),
+                terms,
+                view.fitted_index,
+                out,
+            )
+            return
         self._kernels.residual_sums(
             y,
             view.centre,
@@ -202,6 +235,10 @@ class NumbaBackend:
 
     def _meat(self, y, view, z) -> NDArray:
         """``Σ r²·terms`` over the meat's sample: squares, then one GEMM."""
+        if self._is_tiny(view):  # every fitted pixel: no sample
+            out = np.zeros((len(y), 1 + view.terms.shape[0]))
+            self.residual_sums(y, view, z, view.terms, out)
+            return out[:, 1:]
         terms = view.meat_terms
         squares = np.empty((len(y), terms.shape[1]), view.dtype)
         self._kernels.residual_squares(
