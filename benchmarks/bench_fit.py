@@ -19,13 +19,16 @@ Sections
     every core), i.e. the cost of reading the stack once.
 (c) Peak extra memory of ``fit_stack`` (tracemalloc, which sees numpy's
     allocations), for the large stack and for a quarter of it.
+(e) K references (2000 x 256 x 256 float32 and uint16): the default fit
+    (robust errors) of K = 2, 4, 8 references over the one-read floor, and
+    the constrained fit over the unconstrained one for K = 4.
 
 ``--profile`` adds a breakdown of ``fit_stack`` on the stacks of (b)
-(float32, uint16) and (a) (float64): the kernel's read + cast/centre and
-products in one thread, fit_stack itself, fixed costs, the threading gain
-with a GIL probe of the numpy calls involved; then fit_stack / floor for
-chunk_bytes from 256 KiB to 4 MiB.  The breakdown uses the package's
-private ``prepare`` and ``Kernel`` and is skipped if they change.
+(float32, uint16) and (a) (float64): each backend's block sums over every
+block in one thread, fit_stack itself, the design's set-up and the fit's
+settings, the threading gain; then fit_stack / floor for chunk_bytes from
+256 KiB to 4 MiB.  The breakdown uses the engine's layers (and is skipped
+on a package without them).
 
 A 2-core capacity probe (two threads vs one on a cache-resident ufunc)
 runs at the start, between sections and at the end; below 1.4 another
@@ -599,6 +602,95 @@ def bench_big(s32, s16, ref1, ref2, x_true, repeat: int):
 
 
 # --------------------------------------------------------------------- #
+# (e) K references
+# --------------------------------------------------------------------- #
+
+#: K = 4 at most 2x the floor (goal 1.5x), K = 8 at most 3x; the
+#: constrained fit of K = 4 at most 1.3x the unconstrained one.
+K_TARGETS = {4: (2.0, 1.5), 8: (3.0, 3.0)}
+CONSTRAINED_TARGET = 1.3
+
+
+def k_references(k: int, seed: int = 7) -> list[np.ndarray]:
+    """K positive references with different patterns (blobs), float64."""
+    rng = np.random.default_rng(seed)
+    return [50 + 400 * blob_image(rng, BIG_SHAPE, 40) / 3 for _ in range(k)]
+
+
+def build_k(n: int, k: int, seed: int = 8):
+    """float32 and uint16 stacks mixing K references (noise sigma 20)."""
+    refs = k_references(k)
+    rng = np.random.default_rng(seed)
+    x = rng.dirichlet(np.full(k, 4.0), n).astype(np.float32)
+    stack = np.tensordot(x, np.stack(refs).astype(np.float32), axes=(1, 0))
+    stack += rng.standard_normal(stack.shape, dtype=np.float32) * 20
+    return stack, np.clip(np.rint(stack), 0, 65535).astype(np.uint16), refs
+
+
+def bench_k(n: int, repeat: int) -> None:
+    """K = 2, 4, 8 over the floor; the constrained cost for K = 4."""
+    if 'references' not in inspect.signature(fit_stack).parameters:
+        print('\n(e) skipped: this fit_stack takes two references')
+        return
+    section(f'(e) K references, {n}x{BIG_SHAPE[0]}x{BIG_SHAPE[1]}')
+    rows = []
+    for k in (2, 4, 8):
+        rows += _bench_one_k(n, k, repeat)
+    print_table(('K', 'stack', 'fit_stack', '/ floor', 'target', 'goal'), rows)
+    print(f'best of {repeat}, interleaved, after a warm-up')
+
+
+def _bench_one_k(n: int, k: int, repeat: int) -> list[tuple[str, ...]]:
+    s32, s16, refs = build_k(n, k)
+    d = np.ones(BIG_SHAPE[0] * BIG_SHAPE[1], np.float32)
+    m32 = s32.reshape(n, -1)
+    funcs = {
+        'floor': lambda: m32 @ d,
+        'float32': lambda: fit_stack(s32, *refs),
+        'uint16': lambda: fit_stack(s16, *refs),
+    }
+    if k == 4:
+        funcs['nonneg'] = lambda: fit_stack(s32, *refs, constraint='nonneg')
+    t = best_times(funcs, repeat)
+    rows = []
+    target = K_TARGETS.get(k)
+    for dtype in ('float32', 'uint16'):
+        ratio = t[dtype] / t['floor']
+        rows.append(
+            (
+                str(k),
+                dtype,
+                fmt_time(t[dtype]),
+                f'{ratio:.2f}x',
+                verdict(ratio <= target[0]) if target else '-',
+                verdict(ratio <= target[1]) if target else '-',
+            )
+        )
+        record(
+            f'(e) K = {k} {dtype}, default errors: time / floor',
+            ratio,
+            'x',
+            target,
+            False,
+        )
+    if k == 4:
+        cost = t['nonneg'] / t['float32']
+        record(
+            '(e) K = 4 constrained / unconstrained (float32)',
+            cost,
+            'x',
+            (CONSTRAINED_TARGET, CONSTRAINED_TARGET),
+            False,
+        )
+        fit = fit_stack(s32, *refs, constraint='nonneg')
+        print(
+            f'  K = 4 nonneg: {fmt_time(t["nonneg"])} = {cost:.2f}x the '
+            f'unconstrained fit; {int(fit.at_bound.sum())} slices at a bound'
+        )
+    return rows
+
+
+# --------------------------------------------------------------------- #
 # (d) the compiled kernel's weight
 # --------------------------------------------------------------------- #
 
@@ -780,202 +872,99 @@ def _capacity_probe(repeat: int) -> float:
     return _capacity_log[-1]
 
 
-GIL_CALLS: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
-    'yc @ v': lambda yc, v: yc @ v,
-    'np.dot(yc, v)': np.dot,
-    'np.vecdot(yc, yc)': lambda yc, v: np.vecdot(yc, yc),
-    'einsum row sums': lambda yc, v: np.einsum('ij,ij->i', yc, yc),
-}
-
-
-def _gil_probe(repeat: int) -> dict[str, float]:
-    """2-thread scaling of the kernel's kinds of numpy calls.
-
-    Each thread calls the function on its own cache-resident (4, 65536)
-    float32 block with one BLAS thread, as fit_stack's workers do.  A
-    scaling near 1.0 while the capacity probe is near 2.0 means the call
-    holds the GIL (numpy releases it in a (g)ufunc only from 500 outer
-    iterations on, so ``@`` and ``np.vecdot`` on a few rows keep it).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(0)
-    blocks = [
-        (rng.random((4, 65536), np.float32), rng.random(65536, np.float32))
-        for _ in range(2)
-    ]
-    funcs: dict[str, Callable[[], object]] = {}
-    controller = threadpoolctl.ThreadpoolController()
-    with (
-        controller.limit(limits=1, user_api='blas'),
-        ThreadPoolExecutor(2) as pool,
-    ):
-        for name, call in GIL_CALLS.items():
-
-            def work(i: int, call=call) -> None:
-                yc, v = blocks[i]
-                for _ in range(100):
-                    call(yc, v)
-
-            funcs[name + ' 1'] = lambda work=work: work(0)
-            funcs[name + ' 2'] = lambda work=work: list(pool.map(work, (0, 1)))
-        t = best_times(funcs, repeat)
-    return {name: 2 * t[name + ' 1'] / t[name + ' 2'] for name in GIL_CALLS}
-
-
-def _internals():
-    """``(prepare, Kernel)`` of the current package layout.
-
-    The kernel has moved between modules while the package evolves; this
-    looks in the known places and raises AttributeError if it is gone.
-    """
-    try:
-        from napari_mixcoef import _design, _kernel
-
-        return _design.prepare, _kernel.Kernel
-    except ImportError:
-        from napari_mixcoef import core
-
-        return core._prepare, core._Kernel
-
-
 def bench_profile(label, stack, ref1, ref2, floor, repeat):
-    """Where one fit_stack call spends its time (private internals).
+    """Where one fit_stack call spends its time (the engine's layers).
 
-    Uses the package's private ``prepare`` and ``Kernel`` (its
-    ``accumulate`` and, if present, ``centred_pieces`` methods) and
-    ``_chunks.plan_blocks``; prints "skipped" if they changed.
+    Times the backend's block function over every block in this thread,
+    the design's set-up and a fit's settings; prints "skipped" on a
+    package without the layered engine.
     """
     section(f'profile: {label}')
     try:
         _profile(stack, ref1, ref2, floor, repeat)
     except (ImportError, AttributeError, TypeError, ValueError) as exc:
-        print(f'skipped: the private internals changed ({exc!r})')
+        print(f'skipped: no layered engine here ({exc!r})')
 
 
 def _profile(stack, ref1, ref2, floor, repeat):
-    from napari_mixcoef._chunks import DEFAULT_CHUNK_BYTES, plan_blocks
+    from napari_mixcoef.backends import get_backend
+    from napari_mixcoef.engine.blocks import pixel_range, plan_blocks
+    from napari_mixcoef.engine.local import IN_MEMORY_BLOCK_BYTES, Views
+    from napari_mixcoef.engine.threads import fit_settings
+    from napari_mixcoef.model.design import make_design
+    from napari_mixcoef.model.references import checked_references
+    from napari_mixcoef.model.sums import SumsLayout
 
-    prepare, kernel_class = _internals()
     n = len(stack)
-    lead, ref_shape = (n,), tuple(stack.shape[1:])
-    design = prepare(ref1, ref2, None, 'mix', stack.dtype)
+    refs = checked_references([ref1, ref2])
+    design = make_design(refs, 'mix', stack.dtype)
     groups = plan_blocks(
-        lead, ref_shape, design.dtype.itemsize, DEFAULT_CHUNK_BYTES
+        (n,), design.shape, design.dtype.itemsize, IN_MEMORY_BLOCK_BYTES
     )
     blocks = [b for group in groups for b in group]
-    n_blocks = len(blocks)
-    rows = blocks[0].stop - blocks[0].start
-    extra = {}
-    if 'chunk_bytes' in inspect.signature(kernel_class).parameters:
-        extra['chunk_bytes'] = DEFAULT_CHUNK_BYTES
+    rows = stack.reshape(n, -1)
+    layout = SumsLayout(design.k)
+    views = Views(design)
 
-    def make_kernel():
-        return kernel_class(stack, design, lead, ref_shape, **extra)
+    def loop(name: str) -> Callable[[], float]:
+        backend = get_backend(name)
 
-    kernel0 = make_kernel()
-    in_place = getattr(kernel0, 'rows', None) is not None
-    pieces_name = next(
-        (
-            name
-            for name in ('centred_pieces', '_centred_pieces')
-            if hasattr(kernel0, name)
-        ),
-        None,
-    )
-    split = not in_place and pieces_name is not None
-
-    def centred_loop() -> None:
-        # The kernel's own read + cast + centre into its cache buffer.
-        pieces = getattr(make_kernel(), pieces_name)
-        for b in blocks:
-            for _ in pieces(b):
-                pass
-
-    def library_loop() -> None:
-        # The library's per-block work, in this thread, no thread pool.
-        kernel = make_kernel()
-        raw = np.zeros((n, 5))
-        for b in blocks:
-            kernel.accumulate(b, raw)
-
-    controller = threadpoolctl.ThreadpoolController()
-
-    def one_blas_thread(f: Callable[[], object]) -> Callable[[], float]:
         def run() -> float:
-            with controller.limit(limits=1, user_api='blas'):
+            sums = layout.empty(n)
+            with fit_settings():
                 t0 = time.perf_counter()
-                f()
+                for b in blocks:
+                    view = views(pixel_range(b, design.shape))
+                    backend.block_sums(
+                        rows[b.start : b.stop],
+                        view,
+                        sums.rows(b.start, b.stop),
+                    )
                 return time.perf_counter() - t0
 
         return run
 
-    def limits_cycle() -> None:
-        with threadpoolctl.threadpool_limits(limits=1, user_api='blas'):
-            pass
-
-    def controller_cycle() -> None:
-        with controller.limit(limits=1, user_api='blas'):
+    def settings_cycle() -> None:
+        with fit_settings():
             pass
 
     funcs: dict[str, Callable[[], object]] = {
-        'loop': one_blas_thread(library_loop),
-        'fit': lambda: fit_stack(stack, ref1, ref2),
-        'prepare': lambda: prepare(ref1, ref2, None, 'mix', stack.dtype),
-        'limits': limits_cycle,
-        'controller': controller_cycle,
+        'loop': loop('numba'),
+        'loop numpy': loop('numpy'),
+        'fit': lambda: fit_stack(stack, ref1, ref2, stderr='ols'),
+        'design': lambda: make_design(refs, 'mix', stack.dtype),
+        'settings': settings_cycle,
     }
-    if split:
-        funcs['centred'] = one_blas_thread(centred_loop)
-    # Everything interleaved, so that load bursts hit all parts alike.
-    t = best_times(funcs, repeat, self_timed=frozenset({'loop', 'centred'}))
+    t = best_times(funcs, repeat, self_timed=frozenset({'loop', 'loop numpy'}))
     capacity = _capacity_probe(repeat)
-    gil = _gil_probe(repeat)
 
     def row(name, v, per_block=True):
-        if v is None:
-            return (name, '-', '-', '-')
         return (
             name,
             fmt_time(v),
             f'{v / floor:.2f}x',
-            fmt_time(v / n_blocks) if per_block else '-',
+            fmt_time(v / len(blocks)) if per_block else '-',
         )
 
-    loop, fit = t['loop'], t['fit']
-    if in_place:
-        table = [
-            row('read+cast/centre: none, reads in place', None),
-            row('products (accumulate)', loop),
-        ]
-    elif split:
-        table = [
-            row(f'read+cast/centre ({pieces_name})', t['centred']),
-            row('products (accumulate - that)', loop - t['centred']),
-        ]
-    else:
-        table = []
-    table += [
-        row('= library loop, 1 thread, no pool', loop),
-        row('fit_stack (its worker threads)', fit),
-        row('prepare (references)', t['prepare'], False),
-        row('threadpool_limits in+out', t['limits'], False),
-        row('  cached ThreadpoolController', t['controller'], False),
-    ]
     print(
-        f'{n_blocks} blocks of {rows} slices ({DEFAULT_CHUNK_BYTES >> 10} '
-        f'KiB); the loops run in this thread with 1 BLAS thread; best of '
+        f'{len(blocks)} blocks of {blocks[0].stop - blocks[0].start} slices; '
+        f'the loops run in this thread with 1 BLAS thread; best of '
         f'{repeat}, interleaved'
     )
-    print_table(('part', 'time', '/ floor', 'per block'), table)
-    print(
-        f'threading: 1-thread library loop / fit_stack = {loop / fit:.2f}x '
-        f'(2.0 = perfect on 2 cores, before fixed costs); this machine '
-        f'gave {capacity:.2f}x on a pure ufunc in 2 threads just now'
+    print_table(
+        ('part', 'time', '/ floor', 'per block'),
+        [
+            row('block sums, numba, 1 thread', t['loop']),
+            row('block sums, numpy, 1 thread', t['loop numpy']),
+            row("fit_stack, stderr='ols' (2 threads)", t['fit']),
+            row('design (references, set-up)', t['design'], False),
+            row('fit settings in+out', t['settings'], False),
+        ],
     )
     print(
-        'GIL probe, 2-thread scaling per call (~1.0 = holds the GIL): '
-        + ', '.join(f'{k} {v:.2f}x' for k, v in gil.items())
+        f'threading: 1-thread numba loop / fit_stack = '
+        f'{t["loop"] / t["fit"]:.2f}x (2.0 = perfect on 2 cores, before '
+        f'fixed costs); a pure ufunc gave {capacity:.2f}x just now'
     )
 
 
@@ -1041,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
     floor = bench_big(s32, s16, ref1, ref2, x_true, repeat)
     probe('after (b)')
     bench_memory(s32, s16, ref1, ref2)
+    if not args.profile:
+        del s32, s16
+    bench_k(n_big, repeat)
+    probe('after (e)')
     bench_weight()
     if args.profile:
         stack, r1, r2, floor_a = seed

@@ -104,6 +104,31 @@ def solve(
     """
     n, k = b.shape
     n_con = c.shape[0]
+    if bread is None:
+        # most slices are inside: their least-squares fit is the answer
+        inside = _feasible(b, c, d)
+        if inside.all():
+            return b.copy(), np.zeros((n, n_con), bool)
+        if inside.any():
+            z = b.copy()
+            active = np.zeros((n, n_con), bool)
+            rest = np.flatnonzero(~inside)
+            z[rest], active[rest] = _solve_faces(b[rest], c, d, None, 1)
+            return z, active
+    return _solve_faces(b, c, d, bread, 0)
+
+
+def _feasible(z: NDArray, c: NDArray, d: NDArray) -> NDArray[np.bool_]:
+    """Which rows of ``z`` satisfy ``C z ≥ d`` (to rounding)."""
+    slack = z @ c.T - d
+    scale = np.abs(z) @ np.abs(c).T + np.abs(d) + 1e-300
+    return np.all(slack >= -_TOL * scale, axis=1)
+
+
+def _solve_faces(b, c, d, bread, first: int):
+    """Search the faces for :func:`solve`, from face ``first`` on."""
+    n, k = b.shape
+    n_con = c.shape[0]
     z = np.zeros((n, k))
     active = np.zeros((n, n_con), bool)
     todo = np.isfinite(b).all(axis=1)
@@ -116,7 +141,7 @@ def solve(
     best = np.full(n, np.inf)
     best_z = np.full((n, k), np.nan)
     best_active = np.zeros((n, n_con), bool)
-    for face in _faces(n_con, k):
+    for face in itertools.islice(_faces(n_con, k), first, None):
         if not todo.any():
             break
         rows = np.flatnonzero(todo)
