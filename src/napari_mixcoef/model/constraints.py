@@ -155,7 +155,9 @@ def _solve_faces(b, c, d, bread, first: int):
             cand, lam = _face_bread(bb, ii, ca, d[list(face)])
             quad = np.einsum('ij,ijk,ik->i', cand, bread[rows], cand)
         slack = cand @ c.T - d  # (m, K)
-        scale = np.abs(cand) @ np.abs(c).T + np.abs(d) + 1e-300
+        # rounding of the fit's own size: a fit at zero keeps b's
+        size = np.abs(cand) + np.abs(bb)
+        scale = size @ np.abs(c).T + np.abs(d) + 1e-300
         feasible = np.all(slack >= -_TOL * scale, axis=1)
         lam_scale = np.abs(bb).sum(axis=1, keepdims=True) + 1e-300
         optimal = feasible & np.all(lam >= -_TOL * lam_scale, axis=1)
