@@ -394,6 +394,7 @@ def test_warm_up_leaves_nothing_to_compile():
     warm_up()
     dispatchers = [
         kernels.sums_one,
+        kernels.sums_single,
         kernels.sums_many,
         kernels.residual_sums,
         kernels.residual_squares,

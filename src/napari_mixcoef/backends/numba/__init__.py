@@ -112,8 +112,8 @@ class NumbaBackend:
             if not layout.hac:
                 cols[4:] = 0
             small = y.dtype.kind in 'iu' and y.dtype.itemsize <= 2
-            width = 1 if small else (3 if layout.hac else 4)
-            kernels.sums_one(
+            kernel = kernels.sums_single if small else kernels.sums_one
+            kernel(
                 y,
                 view.centre,
                 mean,
@@ -122,7 +122,6 @@ class NumbaBackend:
                 runs,
                 sums.raw,
                 cols,
-                width,
             )
             return
         if layout.hac:

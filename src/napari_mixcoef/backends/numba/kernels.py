@@ -67,24 +67,22 @@ def _hac_add(s, v, u, c2, t):  # pragma: no cover - compiled
 
 
 @jit
-def sums_one(
-    y, centre, mean, q, t, runs, out, cols, width
-):  # pragma: no cover
+def sums_one(y, centre, mean, q, t, runs, out, cols):  # pragma: no cover
     """Add each row's sums for a one-vector basis (``k = 1``), fused.
 
     Per pixel one cast, one centring and four (six with ``t``) sums in
     registers: ``q·y_c``, ``u2·y_c`` (``u2 = M − mean`` formed on the fly,
     as it reads ``M`` anyway), ``Σy_c``, ``Σy_c²`` and with the HAC term
-    ``t`` also ``Σy_c²t``, ``Σy_c q t``.  ``cols`` (6,) are the columns of
-    ``out`` for them.  ``width`` rows go side by side, sharing each load of
-    the vectors: four for float data (three with ``t``: four rows' 24
-    accumulators would spill from the registers), one for 8- and 16-bit
-    data, which was faster for them.  ``t is None`` is decided when numba
-    compiles (one machine code with the HAC sums, one without).
+    ``t`` also ``Σy_c²t``, ``Σy_c q t``; ``cols`` (6,) are their columns
+    in ``out``.  Float rows go four side by side (three with ``t``: four
+    rows' 24 accumulators would spill from the registers), sharing each
+    load of the vectors; ``t is None`` is decided when numba compiles (one
+    machine code with the HAC sums, one without).
     """
     rows = y.shape[0]
     wt = centre.dtype.type
     z = wt(0)
+    width = 4 if t is None else 3
     total = np.zeros((4, 6))
     for i in range(0, rows, width):
         # a last short group repeats its last row; those sums are dropped
@@ -98,36 +96,24 @@ def sums_one(
             yc, yd = y[k, p0:p1], y[m, p0:p1]
             if t is None:
                 sa = sb = sc = sd = (z, z, z, z)
-                if width == 1:
-                    for p in range(p1 - p0):
-                        c = cs[p]
-                        sa = _ols_add(sa, wt(ya[p]) - c, us[p], c - mean)
-                else:
-                    for p in range(p1 - p0):
-                        c, u = cs[p], us[p]
-                        c2 = c - mean
-                        sa = _ols_add(sa, wt(ya[p]) - c, u, c2)
-                        sb = _ols_add(sb, wt(yb[p]) - c, u, c2)
-                        sc = _ols_add(sc, wt(yc[p]) - c, u, c2)
-                        sd = _ols_add(sd, wt(yd[p]) - c, u, c2)
+                for p in range(p1 - p0):
+                    c, u = cs[p], us[p]
+                    c2 = c - mean
+                    sa = _ols_add(sa, wt(ya[p]) - c, u, c2)
+                    sb = _ols_add(sb, wt(yb[p]) - c, u, c2)
+                    sc = _ols_add(sc, wt(yc[p]) - c, u, c2)
+                    sd = _ols_add(sd, wt(yd[p]) - c, u, c2)
                 zz = (z, z)
                 sa, sb, sc, sd = sa + zz, sb + zz, sc + zz, sd + zz
             else:
                 ts = t[p0:p1]
                 sa = sb = sc = sd = (z, z, z, z, z, z)  # sd stays 0
-                if width == 1:
-                    for p in range(p1 - p0):
-                        c = cs[p]
-                        sa = _hac_add(
-                            sa, wt(ya[p]) - c, us[p], c - mean, ts[p]
-                        )
-                else:
-                    for p in range(p1 - p0):
-                        c, u, tp = cs[p], us[p], ts[p]
-                        c2 = c - mean
-                        sa = _hac_add(sa, wt(ya[p]) - c, u, c2, tp)
-                        sb = _hac_add(sb, wt(yb[p]) - c, u, c2, tp)
-                        sc = _hac_add(sc, wt(yc[p]) - c, u, c2, tp)
+                for p in range(p1 - p0):
+                    c, u, tp = cs[p], us[p], ts[p]
+                    c2 = c - mean
+                    sa = _hac_add(sa, wt(ya[p]) - c, u, c2, tp)
+                    sb = _hac_add(sb, wt(yb[p]) - c, u, c2, tp)
+                    sc = _hac_add(sc, wt(yc[p]) - c, u, c2, tp)
             for e in range(6):
                 total[0, e] += sa[e]
                 total[1, e] += sb[e]
@@ -137,6 +123,45 @@ def sums_one(
         for r in range(min(width, rows - i)):
             for e in range(n_sums):
                 out[i + r, cols[e]] += total[r, e]
+
+
+@jit
+def sums_single(y, centre, mean, q, t, runs, out, cols):  # pragma: no cover
+    """:func:`sums_one` one row at a time (for 8- and 16-bit data).
+
+    Several rows side by side were slower for small integers, whose cast
+    costs more than the loads it would share.
+    """
+    wt = centre.dtype.type
+    z = wt(0)
+    n_sums = 4 if t is None else 6
+    for i in range(y.shape[0]):
+        total = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        for g in range(runs.shape[0]):
+            p0, p1 = runs[g, 0], runs[g, 1]
+            cs, us, ys = centre[p0:p1], q[p0:p1], y[i, p0:p1]
+            if t is None:
+                s = (z, z, z, z)
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    s = _ols_add(s, wt(ys[p]) - c, us[p], c - mean)
+                s = s + (z, z)
+            else:
+                ts = t[p0:p1]
+                s = (z, z, z, z, z, z)
+                for p in range(p1 - p0):
+                    c = cs[p]
+                    s = _hac_add(s, wt(ys[p]) - c, us[p], c - mean, ts[p])
+            total = (
+                total[0] + s[0],
+                total[1] + s[1],
+                total[2] + s[2],
+                total[3] + s[3],
+                total[4] + s[4],
+                total[5] + s[5],
+            )
+        for e in range(n_sums):
+            out[i, cols[e]] += total[e]
 
 
 @jit
