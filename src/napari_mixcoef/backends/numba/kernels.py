@@ -168,21 +168,21 @@ def sums_single(y, centre, mean, q, t, runs, out, cols):  # pragma: no cover
 def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
     """Add each row's sums for a basis of several vectors (``k ≥ 2``).
 
-    Within a run the centred values of four rows go to a small buffer
-    (L1) while ``q₀·y_c``, ``u2·y_c``, ``Σy_c`` and ``Σy_c²`` are summed;
-    then each further pair of basis vectors is one vectorized pass over
-    the buffer, its loads shared by the four rows.  Runs are visited band
-    by band (all rows of the block for each), so the band's basis vectors
-    stay in the L2 cache whatever their number.  ``cols`` (4,) are the
-    columns of ``Σy_c``, ``u2ᵀy_c``, ``Σy_c²`` and (unused) 0; ``g`` goes
-    to columns ``0 … k−1``.
+    Four rows side by side: the first pass over a run sums ``q₀·y_c``,
+    ``u2·y_c``, ``Σy_c`` and ``Σy_c²``; each further pair of basis vectors
+    is one more vectorized pass that centres the rows again from L1 (a
+    buffer of centred values is slower: its stores keep LLVM from
+    vectorizing the first pass).  Runs are visited band by band (all rows
+    of the block for each), so the band's basis vectors stay in the L2
+    cache whatever their number.  ``cols`` (4,) are the columns of
+    ``Σy_c``, ``u2ᵀy_c``, ``Σy_c²`` and (unused) 0; ``g`` goes to columns
+    ``0 … k−1``.
     """
     rows = y.shape[0]
     nb = basis.shape[0]
     wt = centre.dtype.type
     z = wt(0)
     n_runs = runs.shape[0]
-    buf = np.empty((4, RUN), centre.dtype)
     tot = np.zeros((4, nb + 3))
     band = _band(runs, nb + 1, centre.itemsize)
     for b0 in range(0, n_runs, band):
@@ -207,10 +207,6 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
                     vb = wt(yb[p]) - c
                     vc = wt(yc[p]) - c
                     vd = wt(yd[p]) - c
-                    buf[0, p] = va
-                    buf[1, p] = vb
-                    buf[2, p] = vc
-                    buf[3, p] = vd
                     sa = _ols_add(sa, va, u, c2)
                     sb = _ols_add(sb, vb, u, c2)
                     sc = _ols_add(sc, vc, u, c2)
@@ -229,10 +225,11 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
                     for p in range(m):
                         qp = q[p]
                         qq = q2[p]
-                        a = buf[0, p]
-                        b = buf[1, p]
-                        c = buf[2, p]
-                        d = buf[3, p]
+                        cc = cs[p]
+                        a = wt(ya[p]) - cc
+                        b = wt(yb[p]) - cc
+                        c = wt(yc[p]) - cc
+                        d = wt(yd[p]) - cc
                         sa += a * qp
                         sb += b * qp
                         sc += c * qp
