@@ -612,9 +612,10 @@ CONSTRAINED_TARGET = 1.3
 
 
 def k_references(k: int, seed: int = 7) -> list[np.ndarray]:
-    """K positive references with different patterns (blobs), float64."""
+    """K references with different patterns (blobs) in 50–450, float64."""
     rng = np.random.default_rng(seed)
-    return [50 + 400 * blob_image(rng, BIG_SHAPE, 40) / 3 for _ in range(k)]
+    images = [blob_image(rng, BIG_SHAPE, 40) for _ in range(k)]
+    return [50 + 400 * (im - im.min()) / np.ptp(im) for im in images]
 
 
 def build_k(n: int, k: int, seed: int = 8):

@@ -399,6 +399,7 @@ def test_warm_up_leaves_nothing_to_compile():
         kernels.residual_sums,
         kernels.residual_squares,
         kernels.lag_products,
+        kernels.correlate_rows,
         irls.fit_rows,
     ]
 
@@ -455,3 +456,28 @@ def test_spectra_pixel_by_pixel(backend, dtype, masked):
             got.fractions_stderr, want.fractions_stderr, rtol=10 * rtol
         )
         assert_allclose(got.rmse, want.rmse, rtol=10 * rtol)
+
+
+@pytest.mark.parametrize(
+    ('shape', 'window'),
+    [
+        ((40, 33), (9, 9)),
+        ((5, 7), (9, 9)),  # a kernel wider than the image
+        ((2, 30), (3, 9)),
+        ((21,), (9,)),
+        ((3,), (3,)),
+        ((6, 5, 4), (3, 3, 3)),
+    ],
+)
+def test_correlate_matches_scipy(backend, shape, window):
+    # the sandwich terms' smoothing: every backend gives scipy's images
+    from napari_mixcoef.model.spatial import numpy_correlate
+
+    rng = np.random.default_rng(8)
+    images = rng.standard_normal((3, *shape))
+    kernel = rng.standard_normal(window)
+    kernel.flat[0] = 0.0  # a zero tap is skipped, not misread
+    copy = images.copy()
+    got = get_backend(backend).correlate(images, kernel)
+    assert_allclose(got, numpy_correlate(images, kernel), atol=1e-12)
+    assert_array_equal(images, copy)

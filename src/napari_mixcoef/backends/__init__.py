@@ -15,6 +15,8 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
     :class:`~..model.noise.BlockFit`;
 ``lag_products(buf, n, offsets)``
     the lag sums of :func:`~..model.spatial.noise_correlation`;
+``correlate(images, kernel)``
+    the images of :func:`~..model.spatial.smoothed` (the sandwich terms);
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -61,6 +63,9 @@ class Backend(Protocol):
 
     def lag_products(self, buf: NDArray, n: int, offsets: NDArray) -> NDArray:
         """``Σ_{p<n} buf[p]·buf[p+o]`` for each offset."""
+
+    def correlate(self, images: NDArray, kernel: NDArray) -> NDArray:
+        """Each image correlated with the kernel, zero outside it."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

@@ -108,5 +108,9 @@ class NumpyBackend:
         """One BLAS dot per offset."""
         return spatial.numpy_lag_products(buf, n, offsets)
 
+    def correlate(self, images, kernel) -> NDArray:
+        """``scipy.ndimage.correlate``, image by image."""
+        return spatial.numpy_correlate(images, kernel)
+
     def warm_up(self) -> None:
         """Nothing to prepare."""

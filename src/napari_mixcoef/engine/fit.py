@@ -151,11 +151,12 @@ def noise_kernel(
     )
 
 
-def sandwich_rows(design, rho: np.ndarray) -> np.ndarray:
+def sandwich_rows(design, rho: np.ndarray, backend=None) -> np.ndarray:
     """Sandwich terms ``(k(k+1)/2, n_ref)`` of the basis, working dtype."""
     k = design.k
     columns = design.basis.astype(np.float64)
-    smooth = smoothed(columns.reshape((k, *design.shape)), rho)
+    correlate = None if backend is None else backend.correlate
+    smooth = smoothed(columns.reshape((k, *design.shape)), rho, correlate)
     terms = sandwich_terms(columns, smooth.reshape(k, -1))
     return np.ascontiguousarray(terms.T).astype(design.dtype)
 
@@ -226,7 +227,7 @@ def iter_stats(
             rho = noise_kernel(
                 stack, lead_shape, design, spec, backend, nan_policy, notes
             )
-        terms = sandwich_rows(design, rho)
+        terms = sandwich_rows(design, rho, backend)
     finite = _Finite(lead_shape, nan_policy)
     dask = is_dask(stack)
     sums_only = spec.noise == 'gaussian' and (spec.stderr == 'ols' or k == 1)

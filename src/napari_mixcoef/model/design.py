@@ -546,6 +546,23 @@ class DesignView:
             object.__setattr__(self, '_meat_terms', cached)
         return cached
 
+    @property
+    def meat_design(self) -> tuple[NDArray, NDArray]:
+        """``M`` (P,) and the basis (k, P) at the meat's pixels, compacted.
+
+        In the order of :attr:`meat_terms`: the design of the residuals
+        whose squares the meat sums, contiguous for one long pass each.
+        """
+        cached = self.__dict__.get('_meat_design')
+        if cached is None:
+            index = self.sampled().fitted_index
+            cached = (
+                np.ascontiguousarray(self.centre[index]),
+                np.ascontiguousarray(self.basis[:, index]),
+            )
+            object.__setattr__(self, '_meat_design', cached)
+        return cached
+
     def _weighted_terms(self) -> NDArray:
         terms = self.terms
         if self.meat is None:

@@ -28,6 +28,10 @@ from numpy.typing import NDArray
 #: ``lag_products(buf, n, offsets) -> (len(offsets),) float64``.
 LagProducts = Callable[[NDArray, int, NDArray], NDArray]
 
+#: ``correlate(images, kernel) -> (k, *shape) float64``: each image
+#: correlated with the kernel, zero outside the image.
+Correlate = Callable[[NDArray, NDArray], NDArray]
+
 #: Largest lag (pixels, per axis) of the correlation kernel.
 MAX_LAG = 4
 
@@ -209,7 +213,9 @@ def _pair_counts(mask, shape, lag, lags) -> NDArray[np.float64]:
     return hit
 
 
-def smoothed(images: NDArray, kernel: NDArray) -> NDArray[np.float64]:
+def smoothed(
+    images: NDArray, kernel: NDArray, correlate: Correlate | None = None
+) -> NDArray[np.float64]:
     """Correlate each image with the kernel (zero outside the image).
 
     Parameters
@@ -218,21 +224,29 @@ def smoothed(images: NDArray, kernel: NDArray) -> NDArray[np.float64]:
         Design columns as images (zero outside the mask).
     kernel : (*window) ndarray
         Output of :func:`noise_correlation`.
+    correlate : callable, optional
+        ``correlate(images, kernel)``, see :func:`numpy_correlate` (the
+        default); a backend's compiled one gives the same images.
 
     Returns
     -------
     (k, *shape) ndarray of float64
         ``D̃ = ρ ⋆ D`` for each column.
     """
-    from scipy import ndimage
-
     images = np.asarray(images, dtype=np.float64)
     if kernel.size == 1 or np.count_nonzero(kernel) == 1:
         return images * kernel.max()
+    return (correlate or numpy_correlate)(images, kernel)
+
+
+def numpy_correlate(images: NDArray, kernel: NDArray) -> NDArray:
+    """``scipy.ndimage.correlate`` of each image, zero outside it."""
+    from scipy import ndimage
+
     return np.stack(
         [
             ndimage.correlate(image, kernel, mode='constant', cval=0.0)
-            for image in images
+            for image in np.asarray(images, dtype=np.float64)
         ]
     )
 
@@ -251,12 +265,14 @@ def sandwich_terms(columns: NDArray, smooth: NDArray) -> NDArray[np.float64]:
         Rows are pixels; ``Ω = Σ_p r_p² · terms[p]`` in the order of
         :func:`pair_index`.
     """
-    k = len(columns)
-    out = [
-        0.5 * (columns[a] * smooth[b] + columns[b] * smooth[a])
-        for a, b in pair_index(k)
-    ]
-    return np.stack(out, axis=1)
+    pairs = pair_index(len(columns))
+    # rows of pairs, returned transposed: ``.T`` gives them back, no copy
+    out = np.empty((len(pairs), columns.shape[1]))
+    for row, (a, b) in zip(out, pairs, strict=True):
+        np.multiply(columns[a], smooth[b], out=row)
+        row += columns[b] * smooth[a]
+        row *= 0.5
+    return out.T
 
 
 def pair_index(k: int) -> list[tuple[int, int]]:

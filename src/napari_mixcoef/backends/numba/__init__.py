@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from ...model import spatial
 from ...model.constraints import solve
 from ...model.noise import BlockFit
 from ...model.spatial import pack
@@ -239,13 +240,14 @@ class NumbaBackend:
             self.residual_sums(y, view, z, view.terms, out)
             return out[:, 1:]
         terms = view.meat_terms
+        centre, basis = view.meat_design
         squares = np.empty((len(y), terms.shape[1]), view.dtype)
         self._kernels.residual_squares(
             y,
-            view.centre,
-            view.basis,
-            np.ascontiguousarray(z, dtype=np.float64),
             view.sampled().runs(self._kernels.RUN),
+            centre,
+            basis,
+            np.ascontiguousarray(z, dtype=np.float64),
             squares,
         )
         # np.dot (not @) releases the GIL: the chunk threads overlap
@@ -271,6 +273,21 @@ class NumbaBackend:
         out = np.zeros((len(starts), 9))
         self._kernels.lag_products(buf, n, starts, out)
         return out.reshape(-1)[pick]
+
+    def correlate(self, images, kernel) -> NDArray:
+        """Compiled for 1-D and 2-D images (odd kernels), else scipy's."""
+        images = np.asarray(images, dtype=np.float64)
+        kernel = np.asarray(kernel, dtype=np.float64)
+        if images.ndim == 2:  # 1-D images: rows of one pixel's height
+            flat = self.correlate(images[:, None, :], kernel[None, :])
+            return flat[:, 0, :]
+        if images.ndim != 3 or not all(w % 2 for w in kernel.shape):
+            return spatial.numpy_correlate(images, kernel)
+        out = np.empty_like(images)
+        self._kernels.correlate_rows(
+            np.ascontiguousarray(images), np.ascontiguousarray(kernel), out
+        )
+        return out
 
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""

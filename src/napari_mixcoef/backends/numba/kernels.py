@@ -353,38 +353,39 @@ def residual_sums(y, centre, basis, z, k, terms, runs, out):
 
 
 @jit
-def residual_squares(y, centre, basis, z, runs, out):  # pragma: no cover
+def residual_squares(y, runs, centre, basis, z, out):  # pragma: no cover
     """Write ``r²`` of ``r = y_c − Σ_j z_j q_j`` at the pixels of ``runs``.
 
-    ``out`` (rows, Σ run lengths) in the working dtype gets the squares
-    run after run, compacted: a BLAS product with the sandwich terms of
-    the same pixels then gives the meat.  One row at a time: the residual
-    is one vectorized pass per basis vector over a run in L1.
+    ``centre`` (n_s,) and ``basis`` (k, n_s) are the design at those
+    pixels, compacted in the order of the runs, and so is ``out`` (rows,
+    n_s) in the working dtype: a BLAS product with the sandwich terms of
+    the same pixels then gives the meat.  One row at a time: the runs are
+    gathered and centred into the row of ``out``, then each basis vector
+    is one long vectorized pass over it in L1 (the sample's runs are a
+    few dozen pixels: a pass per run would be mostly loop overhead).
     """
     rows = y.shape[0]
     k = basis.shape[0]
+    n = centre.shape[0]
     wt = centre.dtype.type
-    buf = np.empty(RUN, centre.dtype)
-    coef = np.empty(max(k, 1), centre.dtype)
     for i in range(rows):
-        for j in range(k):
-            coef[j] = wt(z[i, j])
         row = y[i]
+        dest = out[i]
         o = 0
         for g in range(runs.shape[0]):
             p0, p1 = runs[g, 0], runs[g, 1]
             m = p1 - p0
-            cs, yr = centre[p0:p1], row[p0:p1]
+            # slices, not dest[o + p]: offset indices defeat vectorizing
+            src, cs, part = row[p0:p1], centre[o : o + m], dest[o : o + m]
             for p in range(m):
-                buf[p] = wt(yr[p]) - cs[p]
-            for j in range(k):
-                q, cj = basis[j, p0:p1], coef[j]
-                for p in range(m):
-                    buf[p] -= cj * q[p]
-            dest = out[i, o : o + m]
-            for p in range(m):
-                dest[p] = buf[p] * buf[p]
+                part[p] = wt(src[p]) - cs[p]
             o += m
+        for j in range(k):
+            q, cj = basis[j], wt(z[i, j])
+            for p in range(n):
+                dest[p] -= cj * q[p]
+        for p in range(n):
+            dest[p] *= dest[p]
 
 
 @jit
@@ -417,3 +418,38 @@ def lag_products(a, n, starts, out):
             band = (s0, s1, s2, s3, s4, s5, s6, s7, s8)
             for m in range(9):
                 out[g, m] += band[m]
+
+
+@jit
+def correlate_rows(images, kernel, out):  # pragma: no cover - compiled
+    """``out[i] = ρ ⋆ images[i]`` for 2-D images, zero outside the image.
+
+    ``images``, ``out`` (k, H, W) float64, ``kernel`` (h, w) with odd
+    sides, centred.  Per output row, each tap of the kernel is one
+    vectorized pass over the row in L1 (slices, so that it vectorizes).
+    """
+    n, rows, cols = images.shape
+    kh, kw = kernel.shape
+    cy, cx = kh // 2, kw // 2
+    for i in range(n):
+        for r in range(rows):
+            dest = out[i, r]
+            dest[:] = 0.0
+            for dy in range(kh):
+                src_row = r + dy - cy
+                if src_row < 0 or src_row >= rows:
+                    continue
+                src = images[i, src_row]
+                for dx in range(kw):
+                    c = kernel[dy, dx]
+                    if c == 0.0:
+                        continue
+                    shift = dx - cx
+                    x0 = max(0, -shift)
+                    x1 = min(cols, cols - shift)
+                    if x1 <= x0:
+                        continue
+                    part = dest[x0:x1]
+                    taps = src[x0 + shift : x1 + shift]
+                    for p in range(x1 - x0):
+                        part[p] += c * taps[p]
