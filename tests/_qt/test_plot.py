@@ -177,6 +177,9 @@ def test_one_slice_is_a_marked_point_with_its_interval(make_napari_viewer):
     assert band[:, 1].max() == pytest.approx(fit.x[0] + se)
     lo, hi = plot.axes('share').get_ylim()
     assert lo < fit.x[0] - se and hi > fit.x[0] + se
+    ticks = plot.axes('R²').get_xticks()
+    lo, hi = plot.axes('R²').get_xlim()
+    assert list(ticks[(ticks >= lo) & (ticks <= hi)]) == [0]
 
 
 def test_axis_names_follow_napari_and_ticks_are_integers(make_napari_viewer):

@@ -24,7 +24,8 @@ def _style(label: Label, tone: str) -> None:
 def _wrapped(label: Label, lines: int) -> None:
     # a word-wrapped label in a form row needs room for its lines
     label.native.setWordWrap(True)
-    label.native.setMinimumHeight(lines * label.native.fontMetrics().height())
+    line = label.native.fontMetrics().lineSpacing()
+    label.native.setMinimumHeight(int((lines + 0.5) * line))
 
 
 class Diagnostics(Container):
@@ -43,6 +44,11 @@ class Diagnostics(Container):
             ]
         )
         self.diagnostics.native.setWordWrap(True)
+        self.diagnostics.tooltip = (
+            'How well the references can be told apart: the share of their '
+            'energy in A−B, and the error of x per unit σ of white noise '
+            'per pixel (in counts), before any fit'
+        )
 
     def update_for(self, references, mask=None) -> None:
         """Describe in-memory references (and mask), or say nothing.
@@ -68,10 +74,8 @@ class Diagnostics(Container):
             _style(self.diagnostics, 'error')
             return
         text = (
-            f'A−B holds {100 * d["diff_energy_fraction"]:.3g} % of the '
-            "references' energy: x will be known to about "
-            f'± {d["x_stderr_per_noise"]:.2g} × σ, σ being the noise per '
-            'pixel in counts'
+            f'The references differ in {100 * d["diff_energy_fraction"]:.3g}'
+            f' % of their energy: x to ± {d["x_stderr_per_noise"]:.2g} σ'
         )
         if d['collinear']:
             text = (
@@ -117,6 +121,7 @@ class RunControls(Container):
             widgets=[
                 Container(
                     name='buttons',
+                    label=' ',
                     layout='horizontal',
                     labels=False,
                     widgets=[run, cancel],

@@ -112,6 +112,9 @@ def show_residual(
             setattr(layer, key, value)
         layer.name = name
     layer.visible = True
+    # small: it is drawn over the canvas, often over the image
+    layer.colorbar.size = (10, 90)
+    layer.colorbar.font_size = 8
     layer.colorbar.visible = True
     _restore_selection(viewer, chosen)
     return layer

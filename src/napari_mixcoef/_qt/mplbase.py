@@ -279,7 +279,9 @@ class ThemedFigureWidget(QWidget):
         """Once laid out: a third of the window, the image re-fitted."""
         super().showEvent(event)
         if not event.spontaneous():
-            QTimer.singleShot(0, self._fit_in_window)
+            # once the dock is laid out (a posted call: a QTimer of this
+            # widget's, started here, did not fire at all in some runs)
+            QTimer.singleShot(0, lambda: self._fit_in_window())
 
     def _fit_in_window(self) -> None:
         dock, main = self.dock(), self.window()
@@ -294,10 +296,9 @@ class ThemedFigureWidget(QWidget):
             # a third: the panels stay legible, the image keeps the rest
             third = main.height() // 3
             main.resizeDocks([dock], [third], Qt.Orientation.Vertical)
-        # the canvas has shrunk: show the whole image again, once it has
-        QTimer.singleShot(0, self._refit_view)
-
-    def _refit_view(self) -> None:
+        # lay the window out now, so that the canvas has its new size when
+        # the view is fitted to it
+        main.layout().activate()
         self.viewer.reset_view()
         self.refits += 1
 
@@ -574,7 +575,10 @@ class StackedAxesWidget(DimsLinkedFigureWidget):
         for ax in axes[:-1]:
             ax.tick_params(labelbottom=False)
         axes[-1].set_xlabel(xlabel, loc='left')
-        axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+        # integers even when there is only one (a single slice)
+        axes[-1].xaxis.set_major_locator(
+            MaxNLocator(integer=True, min_n_ticks=1)
+        )
         pad = max(0.5, 0.01 * (n - 1))
         axes[0].set_xlim(-pad, n - 1 + pad)
         return axes

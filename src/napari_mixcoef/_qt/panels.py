@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 BAND_Z = 1.96
 # the band's outline, in points: keeps it visible however small the error
 _BAND_EDGE = 2.5
-_BAND_ALPHA = 0.55
+# the band's opacity by theme type: napari's light "current" is pale
+_BAND_ALPHA = {'dark': 0.55, 'light': 0.9}
 #: How the plot states find_outliers' rule (its default z and r2_drop).
 OUTLIER_RULE = 'outlier: low R², or x > 5 SE off its neighbours'
 
@@ -86,15 +87,17 @@ class Line:
         )
 
 
-def _band(ax: Axes, line: Line, value, error, colors, gid: str) -> list:
+def _band(
+    ax: Axes, line: Line, value, error, colors, gid: str, style: str = '-'
+) -> list:
     """Draw value ± 1.96 SE as a band under its line; return both ends.
 
     The line's gid is `gid`, the band's ``gid + " band"``.
     """
     index = line.index
     lo, hi = value - BAND_Z * error, value + BAND_Z * error
-    if index.size == 1:  # one slice: a box around its marked point
-        index = index[0] + np.array([-0.2, 0.2])
+    if index.size == 1:  # one slice: an error bar through its point
+        index = index[0] + np.array([-0.04, 0.04])
         lo, hi = lo.repeat(2), hi.repeat(2)
     color = colors['current']
     ax.fill_between(
@@ -104,7 +107,7 @@ def _band(ax: Axes, line: Line, value, error, colors, gid: str) -> list:
         facecolor=color,
         edgecolor=color,
         linewidth=_BAND_EDGE,
-        alpha=_BAND_ALPHA,
+        alpha=_BAND_ALPHA.get(colors['type'], 0.55),
         zorder=1,
         gid=f'{gid} band',
     )
@@ -113,6 +116,7 @@ def _band(ax: Axes, line: Line, value, error, colors, gid: str) -> list:
         value,
         color=colors['text'],
         linewidth=1.0,
+        linestyle=style,
         marker='o' if line.index.size == 1 else None,
         markersize=4,
         zorder=2,
@@ -190,7 +194,7 @@ class SharePanel:
             (
                 Patch(
                     facecolor=colors['current'],
-                    alpha=_BAND_ALPHA,
+                    alpha=_BAND_ALPHA.get(colors['type'], 0.55),
                     linewidth=0,
                 ),
                 '95 % interval',
@@ -226,24 +230,30 @@ class CoefficientPanel:
 
     def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
         """Draw each coefficient and its band, named at its right end."""
-        ends = []
-        for name in self.names:
+        ends, shown = [], []
+        for name, style in zip(self.names, ('-', '--', ':')):
             if name not in line.names:
                 continue
             j = line.names.index(name)
             value, error = line.coef[:, j], line.stderr[:, j]
-            ends += _band(ax, line, value, error, colors, name)
-            shown = np.flatnonzero(np.isfinite(value))
-            if shown.size:
-                ax.annotate(
-                    f' {name}',
-                    (line.index[shown[-1]], value[shown[-1]]),
-                    color=colors['text'],
-                    fontsize=8,
-                    annotation_clip=False,
-                )
+            ends += _band(ax, line, value, error, colors, name, style)
+            shown.append(
+                (Line2D([], [], color=colors['text'], linestyle=style), name)
+            )
         _set_ylim(ax, *ends)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
         ax.set_ylabel(self.label)
+        if len(shown) > 1:  # which line is which
+            ax.legend(
+                *zip(*shown),
+                loc='upper right',
+                fontsize=7,
+                ncol=len(shown),
+                frameon=False,
+                labelcolor=colors['text'],
+                handlelength=2.0,
+                borderaxespad=0.1,
+            )
 
 
 class R2Panel:
@@ -269,7 +279,7 @@ class R2Panel:
         )
         _mark_outliers(ax, line, line.r2, colors)
         _set_ylim(ax, line.r2)
-        ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
         ax.set_ylabel('R²')
 
 
@@ -303,7 +313,7 @@ def default_panels() -> list:
     """Return the plot's panels, top to bottom."""
     return [
         SharePanel(),
-        CoefficientPanel(('a', 'b'), 'a, b\n(× reference)'),
-        CoefficientPanel(('c',), 'c\n(offset)'),
+        CoefficientPanel(('a', 'b'), 'a, b'),
+        CoefficientPanel(('c',), 'c'),
         R2Panel(),
     ]
