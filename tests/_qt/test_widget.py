@@ -206,7 +206,15 @@ def test_residual_beside_the_data_selection_kept(sample_viewer, qtbot):
     assert viewer.canvas.grid.enabled
     assert viewer.layers.index(residual) == viewer.layers.index(stack) + 1
     assert residual.visible and stack.visible
-    assert residual.colorbar.visible
+    # the plot's legend row gives the colours and their limits
+    limit = f'{residual.contrast_limits[1]:.3g}'
+    legend = [t.get_text() for t in plot_of(viewer).figure.legends[-1].texts]
+    assert legend == [
+        'residual layer:',
+        f'brighter than the model (+{limit})',
+        f'darker (−{limit})',
+        'fits (0)',
+    ]
     lo, zero, hi = residual.colormap.map(np.array([0.0, 0.5, 1.0]))
     assert np.allclose(zero[:3], 0)  # black where the model fits
 

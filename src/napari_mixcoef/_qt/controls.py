@@ -44,6 +44,7 @@ class Diagnostics(Container):
             ]
         )
         self.diagnostics.native.setWordWrap(True)
+        self._described: tuple | None = None
         self.diagnostics.tooltip = (
             'How well the references can be told apart: the share of their '
             'energy in A−B, and the error of x per unit σ of white noise '
@@ -63,10 +64,16 @@ class Diagnostics(Container):
         """
         arrays = _in_memory(references)
         self.show_basis.enabled = arrays is not None
+        mask = mask if isinstance(mask, np.ndarray) else None
+        # napari asks for new choices on every layer event: say it again
+        # only when the arrays change
+        key = None if arrays is None else (*arrays, mask)
+        if _same(key, self._described):
+            return
+        self._described = key
         if arrays is None:
             self.diagnostics.value = ''
             return
-        mask = mask if isinstance(mask, np.ndarray) else None
         try:
             d = reference_diagnostics(*arrays, mask=mask)
         except (ValueError, TypeError) as err:
@@ -89,6 +96,13 @@ class Diagnostics(Container):
         self.diagnostics.value = text
         bad = d['collinear'] or d.get('nearly_collinear')
         _style(self.diagnostics, 'warning' if bad else '')
+
+
+def _same(a: tuple | None, b: tuple | None) -> bool:
+    """Tell whether two tuples hold the very same objects."""
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 def _in_memory(references) -> list | None:

@@ -153,12 +153,13 @@ class FitForm(Container):
         return [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if (
+            # the shape first: _is_binary reads the data
+            if _plain_shape(layer) == shape
+            and layer not in self.references()
+            and (
                 _is(layer, 'Labels')
                 or (_is_input(layer) and _is_binary(layer))
             )
-            and _plain_shape(layer) == shape
-            and layer not in self.references()
         ]
 
     def reset_choices(self, *_args) -> None:

@@ -3,7 +3,7 @@
 The residual is shown with the data, not instead of it: beside the stack
 in napari's grid, or blended over it (its colormap is black where the
 model fits, so adding it changes nothing there).  The user's layer
-selection is kept, and a colour bar explains the colours.
+selection is kept.
 """
 
 from __future__ import annotations
@@ -111,11 +111,10 @@ def show_residual(
         for key, value in props.items():
             setattr(layer, key, value)
         layer.name = name
+    # no colour bar: drawn over the canvas it often hid the image, and its
+    # first showing was a third of the result's cost (the plot's legend
+    # row says what the colours and their limits mean)
     layer.visible = True
-    # small: it is drawn over the canvas, often over the image
-    layer.colorbar.size = (10, 90)
-    layer.colorbar.font_size = 8
-    layer.colorbar.visible = True
     _restore_selection(viewer, chosen)
     return layer
 

@@ -155,6 +155,7 @@ class ThemedFigureWidget(QWidget):
         self.colors: dict[str, str] = {}
         self._saving = False
         self._placed = False
+        self._fitted = False
         self.dialog: QFileDialog | None = None
         #: How often the widget re-fitted the image view after docking.
         self.refits = 0
@@ -279,14 +280,23 @@ class ThemedFigureWidget(QWidget):
         """Once laid out: a third of the window, the image re-fitted."""
         super().showEvent(event)
         if not event.spontaneous():
+            self._fitted = False
             # once the dock is laid out (a posted call: a QTimer of this
             # widget's, started here, did not fire at all in some runs)
-            QTimer.singleShot(0, lambda: self._fit_in_window())
+            QTimer.singleShot(0, lambda: self.fit_in_window())
 
-    def _fit_in_window(self) -> None:
+    def fit_in_window(self) -> None:
+        """Take a third of the window's height, fit the image view again.
+
+        Once per showing; call it right after docking to have it done
+        before the first draw.
+        """
         dock, main = self.dock(), self.window()
-        if dock is None or not isinstance(main, QMainWindow):
+        if self._fitted or dock is None or not isinstance(main, QMainWindow):
             return
+        if main.isVisible() and not dock.isVisible():
+            dock.show()  # a dock napari has just added shows later
+        self._fitted = True
         bottom = Qt.DockWidgetArea.BottomDockWidgetArea
         if not self._placed and not dock.isFloating():
             self._placed = True
@@ -296,9 +306,11 @@ class ThemedFigureWidget(QWidget):
             # a third: the panels stay legible, the image keeps the rest
             third = main.height() // 3
             main.resizeDocks([dock], [third], Qt.Orientation.Vertical)
-        # lay the window out now, so that the canvas has its new size when
-        # the view is fitted to it
+        # lay the window and this widget out now: the image view is then
+        # fitted to the canvas left, and the figure drawn once, at its size
         main.layout().activate()
+        dock.layout().activate()
+        self.layout().activate()
         self.viewer.reset_view()
         self.refits += 1
 

@@ -86,6 +86,7 @@ class CoefficientPlot(StackedAxesWidget):
             'Save PNG…', 'Save the plot as an image', self._on_save_clicked
         )
         self._axes: dict = {}
+        self._residual_limit: float | None = None
         self._connect(napari_viewer.layers.events.removed, self._on_removed)
         latest = latest_output(napari_viewer.layers)
         if latest is not None:
@@ -126,10 +127,15 @@ class CoefficientPlot(StackedAxesWidget):
         record = record_of(layer)
         if record is None:
             raise ValueError(f'layer "{layer.name}" holds no fit to plot')
-        self.set_fit(record['fit'], record['source'])
-        self._residual_id = layer.unique_id
+        if record['fit'] is self._fit and layer.unique_id == self._residual_id:
+            return  # shown already (a new plot shows the latest run)
+        # the residual's colours' ends, for the legend row
+        limit = float(layer.contrast_limits[1])
+        self.set_fit(record['fit'], record['source'], _residual=(layer, limit))
 
-    def set_fit(self, fit: MixFit, source: FitSource | None = None) -> None:
+    def set_fit(
+        self, fit: MixFit, source: FitSource | None = None, *, _residual=None
+    ) -> None:
         """Plot a fit.
 
         Parameters
@@ -161,7 +167,9 @@ class CoefficientPlot(StackedAxesWidget):
                 f'the first dims axis is {first}; pass the non-negative '
                 "dims axis of the stack's first leading axis"
             )
-        self._fit, self._source, self._residual_id = fit, source, None
+        self._fit, self._source = fit, source
+        layer, self._residual_limit = _residual or (None, None)
+        self._residual_id = None if layer is None else layer.unique_id
         followed = range(first + 1, first + len(fit.lead_shape))
         self.link(first, fit.lead_shape[0], tuple(followed))
         for button in (self._export_button, self._save_button):
@@ -240,6 +248,7 @@ class CoefficientPlot(StackedAxesWidget):
         handles, labels = zip(*panels[0].legend(line, source, c))
         legend_row(self.figure, handles, labels, c, x=left - 4, y=-14)
         low, zero, high = RESIDUAL_COLORS
+        limit = f'{self._residual_limit:.3g}' if self._residual_limit else ''
         legend_row(
             self.figure,
             [Patch(visible=False)]
@@ -247,7 +256,14 @@ class CoefficientPlot(StackedAxesWidget):
                 Patch(facecolor=color, edgecolor=c['secondary'])
                 for color in (high, low, zero)
             ],
-            ['residual layer:', 'brighter than the model', 'darker', 'fits'],
+            [
+                'residual layer:',
+                f'brighter than the model (+{limit})'
+                if limit
+                else 'brighter than the model',
+                f'darker (−{limit})' if limit else 'darker',
+                'fits (0)' if limit else 'fits',
+            ],
             c,
             x=-right,
             y=0,

@@ -275,9 +275,18 @@ class MixcoefWidget(Container):
         residual = show_residual(
             self._viewer, stack, res, make_record(fit, source), view=view
         )
+        # the grid, the plot and its first draw each cost a good part of a
+        # second the first time: one per turn of the event loop, so that
+        # napari paints and answers in between
+        QTimer.singleShot(0, lambda: self._show_view(fit, residual, view))
+
+    def _show_view(self, fit: MixFit, residual, view: str) -> None:
+        from qtpy.QtCore import QTimer
+
+        if self._holder['closed'] or residual not in self._viewer.layers:
+            self.fit_finished.emit(None)
+            return
         regrid = show_view(self._viewer, view)
-        # the plot's first draw is the costly part: give the event loop a
-        # turn to paint the new layer first
         QTimer.singleShot(0, lambda: self._show_plot(fit, residual, regrid))
 
     def _show_plot(self, fit: MixFit, residual, regrid: bool) -> None:
@@ -285,6 +294,8 @@ class MixcoefWidget(Container):
             self.fit_finished.emit(None)
             return
         plot, docked = self._plot()
+        # its size and the view first, or it is drawn twice
+        plot.fit_in_window()
         plot.show_output(residual)
         if regrid and not docked:
             self._viewer.reset_view()  # a dock shown re-fits it itself
