@@ -359,3 +359,165 @@ def test_statistics_options(files, capsys):
     assert_allclose(table['x_stderr'], expected.x_stderr, rtol=1e-8)
     assert main(common + ['--noise', 'poisson', '--gain', '-1']) == 2
     assert 'gain must be a positive' in capsys.readouterr().err
+
+
+def fit_args(path, stack='stack.npy', **options):
+    args = [
+        'fit',
+        str(path / stack),
+        '--ref1',
+        str(path / 'a.npy'),
+        '--ref2',
+        str(path / 'b.tif'),
+    ]
+    for key, value in options.items():
+        args += [f'--{key}', str(value)]
+    return args
+
+
+@pytest.mark.parametrize(
+    ('option', 'value', 'message'),
+    [
+        ('residual', 'res.png', 'cannot write .png'),
+        ('residual', 'nowhere/res.npy', 'does not exist'),
+        ('csv', 'nowhere/fit.csv', 'does not exist'),
+        ('csv', 'fit.txt', 'ending in .csv'),
+    ],
+)
+def test_outputs_are_checked_before_anything_is_read(
+    files, capsys, option, value, message
+):
+    # the stack does not exist: the output's problem is found first, as
+    # it would be before hours of reading a big one
+    path = files[0]
+    options = {'csv': path / 'ok.csv', option: path / value}
+    code = main(fit_args(path, stack='missing.npy', **options))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f'--{option}' in err and message in err
+    assert 'missing.npy' not in err
+    assert err.count('\n') == 1
+
+
+def test_success_says_what_was_done_in_one_line(files, capsys):
+    path = files[0]
+    code = main(
+        fit_args(path, csv=path / 'fit.csv', residual=path / 'res.npy')
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count('\n') == 1
+    table = read_csv(path / 'fit.csv')
+    median = f'median x = {np.median(table["x"]):.4f}'
+    assert f'fitted 25 slices of {path / "stack.npy"}' in out
+    assert median in out
+    assert str(path / 'fit.csv') in out and str(path / 'fit.json') in out
+    assert str(path / 'res.npy') in out
+
+
+def test_the_csv_says_what_it_is(files):
+    import json
+
+    path, *_ = files
+    main(fit_args(path, csv=path / 'fit.csv', mask=path / 'mask.npy'))
+    info = json.loads((path / 'fit.json').read_text())
+    assert info['stack'] == str(path / 'stack.npy')
+    assert info['references'] == [str(path / 'a.npy'), str(path / 'b.tif')]
+    assert info['mask'] == str(path / 'mask.npy')
+    assert info['model'] == 'mix' and info['noise'] == 'gaussian'
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from napari_mixcoef.cli import _parser
+
+    parser = _parser()
+    commands = next(
+        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, (name, action.dest)
+
+
+def test_a_glob_csv_is_the_single_csv_with_a_file_column(tmp_path):
+    make_batch(tmp_path)
+    refs = [
+        '--ref1',
+        str(tmp_path / 'ref_a.npy'),
+        '--ref2',
+        str(tmp_path / 'ref_b.npy'),
+    ]
+    one = tmp_path / 'one.csv'
+    main(['fit', str(tmp_path / 'run1.npy'), *refs, '--csv', str(one)])
+    every = tmp_path / 'all.csv'
+    main(['fit', str(tmp_path / 'run*.npy'), *refs, '--csv', str(every)])
+    single = one.read_text().splitlines()
+    batch = every.read_text().splitlines()
+    assert batch[0] == 'file,' + single[0]
+    mine = [
+        line for line in batch[1:] if line.startswith(str(tmp_path / 'run1'))
+    ]
+    assert mine == [f'{tmp_path / "run1.npy"},{line}' for line in single[1:]]
+
+
+def test_a_nan_pixel_is_explained_in_the_clis_words(files, capsys):
+    path, stack, *_ = files
+    bad = stack.astype(np.float32)
+    bad[3, 2, 2] = np.nan
+    np.save(path / 'holes.npy', bad)
+    code = main(fit_args(path, stack='holes.npy', csv=path / 'o.csv'))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert 'NaN' in err and '--mask' in err
+    assert 'mask=' not in err and 'nan_to_num' not in err
+
+
+def _demo(tmp_path, *args, path=None):
+    import os
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / 'napari-mixcoef'
+    env = {k: v for k, v in os.environ.items() if k != 'DISPLAY'}
+    env.pop('WAYLAND_DISPLAY', None)
+    if path is not None:
+        env['PATH'] = path
+    return subprocess.run(
+        [str(exe), 'demo', *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def test_demo_screenshot_without_a_display_runs_on_a_virtual_one(tmp_path):
+    from skimage.io import imread
+
+    out = _demo(tmp_path, '--screenshot', str(tmp_path / 'demo.png'))
+    assert out.returncode == 0, out.stderr
+    image = imread(tmp_path / 'demo.png')
+    assert image.shape[0] > 600 and image.shape[1] > 1000
+
+
+def test_demo_without_a_display_or_xvfb_says_what_to_install(tmp_path):
+    from pathlib import Path
+
+    # only the environment's own commands: no Xvfb, no xvfb-run
+    bare = _demo(
+        tmp_path,
+        '--screenshot',
+        str(tmp_path / 'demo.png'),
+        path=str(Path(sys.executable).parent),
+    )
+    assert bare.returncode == 2
+    assert bare.stderr.count('\n') == 1
+    assert 'install Xvfb' in bare.stderr
+    assert 'Traceback' not in bare.stderr
+    assert not (tmp_path / 'demo.png').exists()
+    shown = _demo(tmp_path)  # no screenshot: nothing to show napari on
+    assert shown.returncode == 2
+    assert 'no display' in shown.stderr and '--screenshot' in shown.stderr

@@ -48,8 +48,14 @@ def test_manifest_declares_what_exists():
     for python_name in commands.values():
         module, attr = python_name.split(':')
         assert hasattr(__import__(module, fromlist=[attr]), attr)
-    assert [w.display_name for w in manifest.contributions.widgets] == [
-        'Mixing coefficients'
-    ]
+    widgets = {
+        w.display_name: commands[w.command]
+        for w in manifest.contributions.widgets
+    }
+    # the plot has its own entry, so that a closed plot can be reopened
+    assert widgets == {
+        'Mixing coefficients': 'napari_mixcoef._qt.widget:MixcoefWidget',
+        'Mixing coefficients plot': 'napari_mixcoef._qt.plot:CoefficientPlot',
+    }
     keys = [s.key for s in manifest.contributions.sample_data]
     assert keys == ['mixture', 'three_states']

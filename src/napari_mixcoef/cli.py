@@ -6,15 +6,28 @@ import argparse
 import contextlib
 import glob
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from .core import MODELS, NOISE_MODELS, STDERR_MODES
+from . import MODELS, NOISE_MODELS, STDERR_MODES
+from .io import SUFFIXES, check_output, describe_os_error, reword
 
 PROG = 'napari-mixcoef'
+#: The engine's Python words, as the command line says them.
+_WORDS = {
+    'ref1': '--ref1',
+    'ref2': '--ref2',
+    'mask=': '--mask',
+    'model=': '--model {}',
+    'reference_diagnostics()': 'the reference diagnostics',
+}
+_NAN_ADVICE = (
+    'give a --mask file that is 0 on those pixels and 1 on the good ones'
+)
 
 
 class _ProgressBar:
@@ -64,13 +77,35 @@ def _parser() -> argparse.ArgumentParser:
         help='stack file(s); a glob pattern (quoted) fits every match into '
         'one CSV with a "file" column',
     )
-    fit.add_argument('--ref1', required=True, metavar='R1')
-    fit.add_argument('--ref2', required=True, metavar='R2')
-    fit.add_argument('--model', choices=list(MODELS), default='mix')
+    fit.add_argument(
+        '--ref1',
+        required=True,
+        metavar='R1',
+        help='reference image A (the shape of one slice); x is its share',
+    )
+    fit.add_argument(
+        '--ref2',
+        required=True,
+        metavar='R2',
+        help='reference image B, the same shape as R1',
+    )
+    fit.add_argument(
+        '--model',
+        choices=list(MODELS),
+        default='mix',
+        help='mix: x·R1 + (1−x)·R2 (default); scaled: a·R1 + b·R2; '
+        'offset: a·R1 + b·R2 + c',
+    )
     fit.add_argument(
         '--mask', metavar='M', help='only nonzero pixels of M are fitted'
     )
-    fit.add_argument('--csv', required=True, metavar='OUT.csv')
+    fit.add_argument(
+        '--csv',
+        required=True,
+        metavar='OUT.csv',
+        help='the table to write, one row per slice; what was fitted goes '
+        'to OUT.json beside it',
+    )
     fit.add_argument(
         '--residual',
         metavar='OUT',
@@ -120,7 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         '--screenshot',
         metavar='OUT.png',
-        help='save a screenshot of the window and exit',
+        help='save a screenshot of the window and exit; without a display, '
+        'runs on a virtual one (needs Xvfb)',
     )
     return parser
 
@@ -141,16 +177,29 @@ def _expand(patterns: Sequence[str]) -> tuple[list[str], bool]:
     return files, batch
 
 
+def _check_outputs(args: argparse.Namespace, batch: bool) -> None:
+    """Refuse output paths that cannot be written, before any reading."""
+    check_output(args.csv, ('.csv',), what='--csv')
+    if args.residual:
+        if batch:
+            raise ValueError('--residual needs a single stack, not a batch')
+        check_output(args.residual, SUFFIXES, what='--residual')
+
+
 def _run_fit(args: argparse.Namespace) -> int:
+    from . import fit_stack, residuals
     from . import io as _io
-    from .core import fit_stack, residuals, write_csv
+    from .core import write_csv
 
     files, batch = _expand(args.stacks)
-    if batch and args.residual:
-        raise ValueError('--residual needs a single stack, not a batch')
+    _check_outputs(args, batch)
     ref1 = _io.read_image(args.ref1)
     ref2 = _io.read_image(args.ref2)
     mask = _io.read_image(args.mask) if args.mask else None
+    names = {
+        'references': [args.ref1, args.ref2],
+        'mask': args.mask,
+    }
     client = None
     if args.scheduler:
         try:
@@ -162,7 +211,7 @@ def _run_fit(args: argparse.Namespace) -> int:
             ) from err
         client = Client(args.scheduler, timeout='10s')
     try:
-        tables, failed = [], 0
+        fits, failed = [], 0
         for path in files:
             label = os.path.basename(path) if batch else 'fitting'
             try:
@@ -190,50 +239,161 @@ def _run_fit(args: argparse.Namespace) -> int:
                             args.residual,
                             progress=_ProgressBar('residual'),
                         )
+                _same_columns(fits, fit)
             except (ValueError, TypeError, OSError) as err:
                 if not batch:
                     raise
                 failed += 1
-                _report(f'{path}: {err}')
+                _report(f'{path}: {_words(err, path)}')
                 continue
-            tables.append((path, fit.table()))
-        if not tables:
+            fits.append((path, fit))
+        if not fits:
             raise ValueError(
                 f'none of the {len(files)} stacks could be fitted'
             )
         if batch:
-            write_csv(args.csv, _concat(tables))
+            write_csv(
+                args.csv,
+                _concat(fits),
+                provenance=_batch_provenance(fits, names),
+            )
         else:
-            write_csv(args.csv, tables[0][1])
+            fits[0][1].to_csv(
+                args.csv, provenance={'stack': files[0], **names}
+            )
     finally:
         if client is not None:
             client.close()
+    print(_summary(fits, failed, args))
     return 1 if failed else 0
 
 
-def _concat(tables) -> dict[str, np.ndarray]:
-    """One table with a leading "file" column from per-file tables."""
-    names = ['file']
-    for _, table in tables:
-        names += [n for n in table if n not in names]
-    out = {}
-    for name in names:
-        parts = []
-        for path, table in tables:
-            n = len(next(iter(table.values())))
-            if name == 'file':
-                parts.append(np.full(n, path, dtype=object))
-            elif name in table:
-                parts.append(table[name].astype(object))
-            else:  # another file had more leading dimensions
-                parts.append(np.full(n, '', dtype=object))
-        out[name] = np.concatenate(parts) if parts else np.array([])
+def _same_columns(fits, fit) -> None:
+    """Refuse a batch file whose table has other index columns."""
+    if fits and len(fits[0][1].lead_shape) != len(fit.lead_shape):
+        first, other = fits[0]
+        raise ValueError(
+            f'it has {len(fit.lead_shape)} slice axes but {first} has '
+            f'{len(other.lead_shape)}: one CSV needs one set of index '
+            'columns; fit it on its own'
+        )
+
+
+def _concat(fits) -> dict[str, np.ndarray]:
+    """Stack the single-file tables of the fits after a "file" column."""
+    tables = [(path, fit.table()) for path, fit in fits]
+    out = {
+        'file': np.concatenate(
+            [np.full(len(t['x']), path) for path, t in tables]
+        )
+    }
+    for name in tables[0][1]:
+        out[name] = np.concatenate([t[name] for _, t in tables])
     return out
+
+
+def _batch_provenance(fits, names: dict) -> dict:
+    """One fit's provenance (all share it), with each file's slices."""
+    info = fits[0][1].provenance()
+    info.pop('lead_shape', None)
+    info['files'] = [
+        {'stack': path, 'lead_shape': list(fit.lead_shape)}
+        for path, fit in fits
+    ]
+    return {**info, **names}
+
+
+def _summary(fits, failed: int, args: argparse.Namespace) -> str:
+    """Say in a line what was fitted, the median x, what went where."""
+    x = np.concatenate([fit.x.ravel() for _, fit in fits])
+    n = x.size
+    what = (
+        f'{n} slice{"s" if n != 1 else ""} of {fits[0][0]}'
+        if len(fits) == 1 and not failed
+        else f'{n} slices in {len(fits)} files ({failed} failed)'
+    )
+    median = (
+        f'median x = {np.nanmedian(x):.4f}'
+        if np.isfinite(x).any()
+        else 'no finite x'
+    )
+    # to_csv and write_csv put the provenance at the CSV's name, .json
+    json = os.path.splitext(args.csv)[0] + '.json'
+    wrote = f'wrote {args.csv} and {json}'
+    if args.residual:
+        wrote += f', residual {args.residual}'
+    return f'{PROG}: fitted {what}, {median}; {wrote}'
+
+
+def _words(err: BaseException, path: str | None = None) -> str:
+    """Say an error in the command line's words, in one line."""
+    if isinstance(err, OSError) and (err.filename or path):
+        return describe_os_error(err, err.filename or path)
+    text = str(err) or repr(err)
+    return reword(text, _WORDS, nan_advice=_NAN_ADVICE)
 
 
 def _report(message: str) -> None:
     message = message.splitlines()[0] if message else 'failed'
     print(f'{PROG}: error: {message}', file=sys.stderr)
+
+
+def _has_display() -> bool:
+    return bool(os.environ.get('DISPLAY') or os.environ.get('WAYLAND_DISPLAY'))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    """Open the demo; without a display, save it from a virtual one."""
+    if args.screenshot:
+        check_output(args.screenshot, ('.png',), what='--screenshot')
+    if _has_display():
+        from ._qt.demo import run_demo
+
+        return run_demo(screenshot=args.screenshot)
+    if not args.screenshot:
+        raise ValueError(
+            'no display to open napari on; add --screenshot OUT.png to run '
+            'on a virtual display and save the window'
+        )
+    try:
+        from pyvirtualdisplay import Display
+    except ImportError:
+        Display = None
+    if Display is None:
+        if shutil.which('xvfb-run') is None:
+            raise ValueError(_NO_XVFB)
+        # a virtual display for this same command, which then has one
+        os.execvp(
+            'xvfb-run',
+            [
+                'xvfb-run',
+                '-a',
+                '-s',
+                '-screen 0 1600x1000x24',
+                sys.executable,
+                '-m',
+                'napari_mixcoef.cli',
+                'demo',
+                '--screenshot',
+                args.screenshot,
+            ],
+        )
+    try:
+        display = Display(visible=False, size=(1600, 1000)).start()
+    except Exception as err:  # its errors name neither Xvfb nor a fix
+        raise ValueError(_NO_XVFB) from err
+    try:
+        from ._qt.demo import run_demo
+
+        return run_demo(screenshot=args.screenshot)
+    finally:
+        display.stop()
+
+
+_NO_XVFB = (
+    'no display, and no virtual one could be started: install Xvfb (e.g. '
+    '"sudo apt install xvfb") or run on a desktop'
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,11 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == 'fit':
             return _run_fit(args)
-        from ._qt.demo import run_demo
-
-        return run_demo(screenshot=args.screenshot)
+        return _run_demo(args)
     except (ValueError, TypeError, OSError) as err:
-        _report(str(err) or repr(err))
+        _report(_words(err))
         return 2
 
 

@@ -1,16 +1,130 @@
-"""Files for the command line: .npy, .tif/.tiff and .zarr, read lazily."""
+"""Files for the command line: .npy, .tif/.tiff and .zarr, read lazily.
+
+Also what both faces (command line and napari) say about what went wrong
+in words of their own: :func:`reword` for the engine's messages, which
+speak Python (``ref1``, ``mask=``), :func:`describe_os_error` for a failed
+write.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 SUFFIXES = ('.npy', '.tif', '.tiff', '.zarr')
+
+
+def reword(message: str, words: dict[str, str], *, nan_advice: str) -> str:
+    """Say an engine error in a face's words.
+
+    Parameters
+    ----------
+    message : str
+        The engine's message (it names Python arguments: ``ref1``,
+        ``ref2``, ``mask=``, ``model="scaled"``).
+    words : dict of str to str
+        What the face calls each: ``{"ref1": "--ref1", "mask=": "--mask"}``.
+        ``model=`` stands for every ``model="name"``, with ``{}`` for the
+        name (``"--model {}"``).
+    nan_advice : str
+        Replaces the engine's advice (which names numpy functions) after a
+        message about NaN or infinite values.
+
+    Returns
+    -------
+    str
+        One line.
+    """
+    text = ' '.join(message.split())
+    if 'NaN' in text:
+        text = text.split(';')[0].rstrip('. ') + '; ' + nan_advice
+    model = words.get('model=')
+    if model is not None:
+        text = re.sub(r'model="(\w+)"', lambda m: model.format(m[1]), text)
+    for python, face in words.items():
+        if python != 'model=':
+            text = re.sub(rf'\b{re.escape(python)}(?![\w(])', face, text)
+    return text
+
+
+def describe_os_error(err: OSError, path: str | os.PathLike) -> str:
+    """Say in words why reading or writing `path` failed (no ``[Errno]``).
+
+    Parameters
+    ----------
+    err : OSError
+        What the read or write raised.
+    path : str or path-like
+        The file.
+
+    Returns
+    -------
+    str
+        ``"fit.csv": the folder "/data/x" does not exist``.
+    """
+    name = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(name))
+    if isinstance(err, IsADirectoryError):
+        why = 'that is a folder; give a file name'
+    elif isinstance(err, FileNotFoundError) and not os.path.isdir(folder):
+        why = f'the folder "{folder}" does not exist'
+    elif isinstance(err, PermissionError):
+        why = f'no permission to write in "{folder}"'
+    elif err.errno == errno.ENOSPC:
+        why = 'the disk is full'
+    elif err.errno == errno.EROFS:
+        why = 'the disk is read-only'
+    else:
+        why = (err.strerror or str(err) or type(err).__name__).lower()
+    return f'"{os.path.basename(name) or name}": {why}'
+
+
+def check_output(
+    path: str | os.PathLike, suffixes: tuple[str, ...], *, what: str
+) -> None:
+    """Raise ValueError if `path` cannot be written, before any work.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The output file to be.
+    suffixes : tuple of str
+        Allowed suffixes, lower case with the dot.
+    what : str
+        How the user named it (``"--csv"``), for the message.
+
+    Raises
+    ------
+    ValueError
+        Wrong suffix, a folder that does not exist or cannot be written,
+        or a path that is a folder.
+    """
+    name = os.fspath(path)
+    suffix = Path(name).suffix.lower()
+    if suffix not in suffixes:
+        kind = suffix or 'a file without a suffix'
+        raise ValueError(
+            f'{what} {name}: cannot write {kind}; give a name ending in '
+            + ' or '.join(suffixes)
+        )
+    folder = os.path.dirname(os.path.abspath(name))
+    if os.path.isdir(name) and suffix != '.zarr':
+        raise ValueError(f'{what} {name}: that is a folder; give a file name')
+    if not os.path.isdir(folder):
+        raise ValueError(
+            f'{what} {name}: the folder "{folder}" does not exist'
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f'{what} {name}: no permission to write in "{folder}"'
+        )
 
 
 def _suffix(path: str | os.PathLike) -> str:

@@ -1,0 +1,319 @@
+"""The panels of the coefficient plot: each draws one quantity of a line.
+
+A :class:`Line` is the slices of a fit along the plotted axis at the
+sliders' position on any further leading axis.  A panel is told the line,
+what was fitted and the theme's colours, and draws into one matplotlib
+axes; it holds no state and knows nothing of Qt or napari.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import offset_copy
+
+from napari_mixcoef.outliers import find_outliers
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from napari_mixcoef import MixFit
+
+    from .record import FitSource
+
+#: Half-width of the confidence band, in standard errors (95 %).
+BAND_Z = 1.96
+# the band's outline, in points: keeps it visible however small the error
+_BAND_EDGE = 2.5
+# the band's opacity by theme type: napari's light "current" is pale
+_BAND_ALPHA = {'dark': 0.55, 'light': 0.9}
+#: How the plot states find_outliers' rule (its default z and r2_drop).
+OUTLIER_RULE = 'outlier: low R², or x > 5 SE off its neighbours'
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a fit: its slices along the plotted axis.
+
+    Attributes
+    ----------
+    index : (n,) ndarray of int
+    where : tuple of int
+        The further leading indices the line was taken at.
+    x, x_stderr, r2 : (n,) ndarray of float64
+        Non-finite values as NaN.
+    coef, stderr : (n, k) ndarray of float64
+    names : tuple of str
+        The coefficients' names.
+    outliers : (n,) ndarray of bool
+        :func:`~napari_mixcoef.outliers.find_outliers` of the line.
+    """
+
+    index: np.ndarray
+    where: tuple[int, ...]
+    x: np.ndarray
+    x_stderr: np.ndarray
+    r2: np.ndarray
+    coef: np.ndarray
+    stderr: np.ndarray
+    names: tuple[str, ...]
+    outliers: np.ndarray
+
+    @classmethod
+    def of(cls, fit: MixFit, where: tuple[int, ...] = ()) -> Line:
+        """Return the line of `fit` at further leading indices `where`."""
+        key = (slice(None), *where)
+
+        def finite(a) -> np.ndarray:
+            a = np.asarray(a[key], dtype=np.float64)
+            return np.where(np.isfinite(a), a, np.nan)
+
+        x, x_stderr, r2 = finite(fit.x), finite(fit.x_stderr), finite(fit.r2)
+        return cls(
+            index=np.arange(x.size),
+            where=tuple(where),
+            x=x,
+            x_stderr=x_stderr,
+            r2=r2,
+            coef=finite(fit.coef),
+            stderr=finite(fit.stderr),
+            names=tuple(fit.names),
+            outliers=find_outliers(x, x_stderr, r2),
+        )
+
+
+def _band(
+    ax: Axes, line: Line, value, error, colors, gid: str, style: str = '-'
+) -> list:
+    """Draw value ± 1.96 SE as a band under its line; return both ends.
+
+    The line's gid is `gid`, the band's ``gid + " band"``.
+    """
+    index = line.index
+    lo, hi = value - BAND_Z * error, value + BAND_Z * error
+    if index.size == 1:  # one slice: an error bar through its point
+        index = index[0] + np.array([-0.04, 0.04])
+        lo, hi = lo.repeat(2), hi.repeat(2)
+    color = colors['current']
+    ax.fill_between(
+        index,
+        lo,
+        hi,
+        facecolor=color,
+        edgecolor=color,
+        linewidth=_BAND_EDGE,
+        alpha=_BAND_ALPHA.get(colors['type'], 0.55),
+        zorder=1,
+        gid=f'{gid} band',
+    )
+    ax.plot(
+        line.index,
+        value,
+        color=colors['text'],
+        linewidth=1.0,
+        linestyle=style,
+        marker='o' if line.index.size == 1 else None,
+        markersize=4,
+        zorder=2,
+        gid=gid,
+    )
+    return [lo, hi]
+
+
+def _mark_outliers(ax: Axes, line: Line, value, colors: dict) -> None:
+    flagged = line.outliers
+    ax.plot(
+        line.index[flagged],
+        value[flagged],
+        linestyle='none',
+        marker='o',
+        markersize=5,
+        markerfacecolor=colors['error'],
+        markeredgecolor=colors['text'],
+        zorder=3,
+        gid='outliers',
+    )
+
+
+def _set_ylim(ax: Axes, *values) -> None:
+    finite = np.concatenate([np.ravel(v) for v in values])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        ax.set_ylim(0, 1)
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = 0.05 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _short(name: str, n: int = 16) -> str:
+    return name if len(name) <= n else name[: n - 1] + '…'
+
+
+class SharePanel:
+    """Each reference's share of the mix, with its 95 % band.
+
+    With two references that is the first one's share ``x``.  The panel
+    draws a list of series, so that K references can draw K of them.
+    """
+
+    height = 2.2
+    name = 'share'
+
+    def wanted(self, fit: MixFit, coefficients: bool) -> bool:
+        """Tell whether to show the panel: always."""
+        return True
+
+    def series(self, line: Line, source: FitSource) -> list[tuple]:
+        """Return ``(reference name, share, its error)`` of each share."""
+        return [(source.references[0], line.x, line.x_stderr)]
+
+    def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
+        """Draw the shares, their bands and the outlier marks."""
+        ends = []
+        for name, value, error in self.series(line, source):
+            ends += _band(ax, line, value, error, colors, f'share of {name}')
+        _mark_outliers(ax, line, self.series(line, source)[0][1], colors)
+        _set_ylim(ax, *ends)
+        names = ', '.join(_short(s[0]) for s in self.series(line, source))
+        ax.set_ylabel(f'share of\n{names}')
+
+    def legend(self, line: Line, source: FitSource, colors) -> list:
+        """``(handle, label)`` pairs for the plot's legend row."""
+        name = self.series(line, source)[0][0]
+        return [
+            (
+                Line2D([], [], color=colors['text'], linewidth=1.0),
+                f'x: share of "{_short(name, 24)}"',
+            ),
+            (
+                Patch(
+                    facecolor=colors['current'],
+                    alpha=_BAND_ALPHA.get(colors['type'], 0.55),
+                    linewidth=0,
+                ),
+                '95 % interval',
+            ),
+            (
+                Line2D(
+                    [],
+                    [],
+                    linestyle='none',
+                    marker='o',
+                    markersize=5,
+                    markerfacecolor=colors['error'],
+                    markeredgecolor=colors['text'],
+                ),
+                OUTLIER_RULE,
+            ),
+        ]
+
+
+class CoefficientPanel:
+    """Coefficients of the free models (``a, b``, or ``c``), on demand."""
+
+    height = 1.3
+
+    def __init__(self, names: tuple[str, ...], label: str) -> None:
+        self.names = names
+        self.name = ', '.join(names)
+        self.label = label
+
+    def wanted(self, fit: MixFit, coefficients: bool) -> bool:
+        """Shown when asked, for fits that have these coefficients."""
+        return coefficients and any(n in fit.names for n in self.names)
+
+    def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
+        """Draw each coefficient and its band, named at its right end."""
+        ends, shown = [], []
+        for name, style in zip(self.names, ('-', '--', ':')):
+            if name not in line.names:
+                continue
+            j = line.names.index(name)
+            value, error = line.coef[:, j], line.stderr[:, j]
+            ends += _band(ax, line, value, error, colors, name, style)
+            shown.append(
+                (Line2D([], [], color=colors['text'], linestyle=style), name)
+            )
+        _set_ylim(ax, *ends)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
+        ax.set_ylabel(self.label)
+        if len(shown) > 1:  # which line is which
+            ax.legend(
+                *zip(*shown),
+                loc='upper right',
+                fontsize=7,
+                ncol=len(shown),
+                frameon=False,
+                labelcolor=colors['text'],
+                handlelength=2.0,
+                borderaxespad=0.1,
+            )
+
+
+class R2Panel:
+    """Each slice's R², with the outliers marked."""
+
+    height = 0.8
+    name = 'R²'
+
+    def wanted(self, fit: MixFit, coefficients: bool) -> bool:
+        """Tell whether to show the panel: always."""
+        return True
+
+    def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
+        """Draw R² and the outlier marks."""
+        ax.plot(
+            line.index,
+            line.r2,
+            color=colors['text'],
+            linewidth=1.0,
+            marker='o' if line.index.size == 1 else None,
+            markersize=4,
+            gid='R²',
+        )
+        _mark_outliers(ax, line, line.r2, colors)
+        _set_ylim(ax, line.r2)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
+        ax.set_ylabel('R²')
+
+
+def legend_row(fig, handles, labels, colors, *, x: float, y: float) -> None:
+    """One row of figure legend entries, placed in points.
+
+    ``x >= 0``: from the left edge, else from the right; ``y < 0``: down
+    from the top edge, else up from the bottom.
+    """
+    left, top = x >= 0, y < 0
+    fig.legend(
+        handles,
+        labels,
+        loc=('upper ' if top else 'lower ') + ('left' if left else 'right'),
+        bbox_to_anchor=(0 if left else 1, 1 if top else 0),
+        bbox_transform=offset_copy(
+            fig.transFigure, fig, x=x, y=y, units='points'
+        ),
+        ncol=len(handles),
+        frameon=False,
+        fontsize=7.5,
+        labelcolor=colors['text'],
+        handlelength=1.4,
+        columnspacing=1.2,
+        borderpad=0,
+        borderaxespad=0,
+    )
+
+
+def default_panels() -> list:
+    """Return the plot's panels, top to bottom."""
+    return [
+        SharePanel(),
+        CoefficientPanel(('a', 'b'), 'a, b'),
+        CoefficientPanel(('c',), 'c'),
+        R2Panel(),
+    ]
