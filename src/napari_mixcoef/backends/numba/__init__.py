@@ -296,8 +296,8 @@ def _dot_rows(a: NDArray, b: NDArray) -> NDArray:
     """Return ``a @ b.T`` of (rows, n) and (P, n), a few rows per BLAS call.
 
     OpenBLAS's small products are several times slower for some row
-    counts (16 rows against 28 pairs, 8 against 36: bench_fit --profile's
-    meat GEMM); four rows at a time stay near its best for every width.
+    counts (benchmarks/README.md, "The meat of K references"); four rows
+    at a time stay near its best for every width.
     ``np.dot`` (not ``@``) releases the GIL: the chunk threads overlap.
     """
     if len(b) <= 16:
