@@ -67,6 +67,7 @@ def _save(viewer, path: Path) -> None:
 
 
 def mixture(out: Path) -> None:
+    """Save the mixture sample after Run."""
     viewer, widget = _viewer()
     viewer.open_sample('napari-mixcoef', 'mixture')
     _run(widget)
@@ -75,6 +76,7 @@ def mixture(out: Path) -> None:
 
 
 def band(out: Path) -> None:
+    """Save the plot zoomed on slices 60-90."""
     from napari_mixcoef._qt.widget import find_plot
 
     viewer, widget = _viewer()
@@ -88,6 +90,7 @@ def band(out: Path) -> None:
 
 
 def four_d(out: Path) -> None:
+    """Save a (t, z, y, x) stack after Run."""
     from napari_mixcoef.sample_data import make_mixture
 
     viewer, widget = _viewer()
@@ -102,6 +105,7 @@ def four_d(out: Path) -> None:
 
 
 def rgb_pickers(out: Path) -> None:
+    """Save the pickers with an RGB layer open."""
     viewer, widget = _viewer()
     viewer.open_sample('napari-mixcoef', 'mixture')
     rng = np.random.default_rng(0)
@@ -110,6 +114,7 @@ def rgb_pickers(out: Path) -> None:
 
 
 def three_states(out: Path) -> None:
+    """Save the three-reference sample, constrained, after Run."""
     viewer, widget = _viewer()
     viewer.open_sample('napari-mixcoef', 'three_states')
     if hasattr(widget, 'constraint'):
@@ -119,6 +124,7 @@ def three_states(out: Path) -> None:
 
 
 def drifting_mixture(out: Path) -> None:
+    """Save the drifting sample, registered, after Run."""
     viewer, widget = _viewer()
     try:
         viewer.open_sample('napari-mixcoef', 'drifting_mixture')
@@ -136,6 +142,7 @@ VIEWS = [mixture, band, four_d, rgb_pickers, three_states, drifting_mixture]
 
 
 def main(argv: list[str]) -> int:
+    """Save the views named after OUT_DIR (default: all)."""
     out = Path(argv[0] if argv else 'screenshots')
     out.mkdir(parents=True, exist_ok=True)
     names = set(argv[1:])
