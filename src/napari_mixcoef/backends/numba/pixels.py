@@ -16,7 +16,7 @@ import numpy as np
 from .kernels import jit
 
 #: Slices side by side: two AVX2 vectors of float64.
-LANES = 8
+LANES = 128
 
 _MIX_TWO, _MIX_MANY, _FREE = 0, 1, 2
 
@@ -155,11 +155,11 @@ def fit_pixels(
                     )
                     v = factor[lane] * v / (tt * tt)
                     f[i, lane] = share
-                    fvar[i, lane] = math.sqrt(max(v, 0.0)) if v == v else v
+                    fvar[i, lane] = math.sqrt(0.0 if v < 0.0 else v)
         for i in range(m):
             for lane in range(LANES):
                 v = factor[lane] * var[i, lane]
-                var[i, lane] = math.sqrt(max(v, 0.0)) if v == v else v
+                var[i, lane] = math.sqrt(0.0 if v < 0.0 else v)
         for lane in range(todo):
             r = base + lane
             for i in range(m):
