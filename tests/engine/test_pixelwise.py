@@ -127,7 +127,7 @@ def test_numba_matches_numpy_reference():
     for model in ('mix', 'scaled', 'offset'):
         a = fit_stack(y, *refs, model=model, backend='numba')
         b = fit_stack(y, *refs, model=model, backend='numpy')
-        assert_same(a, b, 1e-9)
+        assert_same(a, b, 2e-5)  # float32 sums, float64 reference
 
 
 @pytest.mark.parametrize(

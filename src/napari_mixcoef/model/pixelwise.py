@@ -63,6 +63,8 @@ class PixelMaps:
         Sandwich (``w_p = r_p²``) or textbook (``w_p = 1``, times SSR).
     scale : float
         ``n/(n − k)`` (sandwich) or ``1/(n − k)``; NaN for an exact fit.
+    dtype : dtype
+        The working dtype, of :attr:`working`.
     """
 
     index: NDArray[np.int64]
@@ -77,6 +79,25 @@ class PixelMaps:
     n_references: int
     robust: bool
     scale: float
+    dtype: np.dtype
+
+    @property
+    def working(self) -> tuple[NDArray, ...]:
+        """``centre``, ``basis``, ``var_coef``, ``var_row``, ``var_total``.
+
+        In the working dtype (compiled sums of a slice's few values in
+        float32 keep the digits of the other passes' sums).
+        """
+        cached = self.__dict__.get('_working')
+        if cached is None:
+            cached = tuple(
+                np.ascontiguousarray(getattr(self, name), dtype=self.dtype)
+                for name in (
+                    'centre', 'basis', 'var_coef', 'var_row', 'var_total'
+                )
+            )
+            object.__setattr__(self, '_working', cached)
+        return cached
 
 
 def make_maps(design, smooth: NDArray | None) -> PixelMaps:
@@ -129,6 +150,7 @@ def make_maps(design, smooth: NDArray | None) -> PixelMaps:
         n_references=big_k,
         robust=robust,
         scale=scale,
+        dtype=design.dtype,
     )
 
 

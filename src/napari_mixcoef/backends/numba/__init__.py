@@ -256,16 +256,17 @@ class NumbaBackend:
 
     def fit_pixels(self, y, maps, out) -> None:
         """Each slice read once, its numbers written once (one call)."""
+        centre, basis, var_coef, var_row, var_total = maps.working
         self._pixels.fit_pixels(
             y,
             maps.index,
-            maps.centre,
-            maps.basis,
+            centre,
+            basis,
             maps.lift,
             maps.beta0,
-            maps.var_coef,
-            maps.var_row,
-            maps.var_total,
+            var_coef,
+            var_row,
+            var_total,
             maps.kind,
             maps.n_references,
             maps.robust,

@@ -55,17 +55,19 @@ def fit_pixels(
     n = index.size
     k = basis.shape[0]
     m = lift.shape[0]
-    yt = np.empty((n, LANES))
-    w = np.empty((n, LANES))
-    z = np.empty((k, LANES))
+    dtype = centre.dtype
+    wt = dtype.type
+    yt = np.empty((n, LANES), dtype)
+    w = np.empty((n, LANES), dtype)
+    z = np.empty((k, LANES), dtype)
     c = np.empty((m, LANES))
-    var = np.empty((m, LANES))
+    var = np.empty((m, LANES), dtype)
     f = np.empty((n_refs, LANES))
-    fvar = np.empty((n_refs, LANES))
-    ssr = np.empty(LANES)
-    mean = np.empty(LANES)
-    sst = np.empty(LANES)
-    total_sum = np.empty(LANES)
+    fvar = np.empty((n_refs, LANES), dtype)
+    ssr = np.empty(LANES, dtype)
+    mean = np.empty(LANES, dtype)
+    sst = np.empty(LANES, dtype)
+    total_sum = np.empty(LANES, dtype)
     total = np.empty(LANES)
     factor = np.empty(LANES)
     fit_r2 = np.empty(LANES)
@@ -76,7 +78,7 @@ def fit_pixels(
         for lane in range(LANES):
             row = base + min(lane, todo - 1)
             for p in range(n):
-                yt[p, lane] = np.float64(y[row, index[p]]) - centre[p]
+                yt[p, lane] = wt(y[row, index[p]]) - centre[p]
         z[:] = 0.0
         mean[:] = 0.0
         for p in range(n):
