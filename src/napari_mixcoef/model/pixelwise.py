@@ -90,11 +90,10 @@ class PixelMaps:
         """
         cached = self.__dict__.get('_working')
         if cached is None:
+            names = ('centre', 'basis', 'var_coef', 'var_row', 'var_total')
             cached = tuple(
                 np.ascontiguousarray(getattr(self, name), dtype=self.dtype)
-                for name in (
-                    'centre', 'basis', 'var_coef', 'var_row', 'var_total'
-                )
+                for name in names
             )
             object.__setattr__(self, '_working', cached)
         return cached
@@ -159,7 +158,9 @@ class PixelOutputs:
     """The reported per-slice arrays, preallocated, ``(n_slices, ...)``.
 
     ``fractions`` and ``fractions_stderr`` are ``coef`` and ``stderr``
-    themselves for a mix of more than two references.
+    themselves for a mix of more than two references; ``x`` and
+    ``x_stderr`` are views of their first column (every array written is
+    a large share of the fit's time).
     """
 
     coef: NDArray[np.float64]
@@ -177,15 +178,15 @@ class PixelOutputs:
         m, big_k = maps.lift.shape[0], maps.n_references
         coef, stderr = np.empty((n_slices, m)), np.empty((n_slices, m))
         share = maps.kind == MIX_MANY
+        fractions = coef if share else np.empty((n_slices, big_k))
+        fractions_stderr = stderr if share else np.empty((n_slices, big_k))
         return cls(
             coef=coef,
             stderr=stderr,
-            fractions=coef if share else np.empty((n_slices, big_k)),
-            fractions_stderr=(
-                stderr if share else np.empty((n_slices, big_k))
-            ),
-            x=np.empty(n_slices),
-            x_stderr=np.empty(n_slices),
+            fractions=fractions,
+            fractions_stderr=fractions_stderr,
+            x=fractions[:, 0],
+            x_stderr=fractions_stderr[:, 0],
             r2=np.empty(n_slices),
             rmse=np.empty(n_slices),
         )
@@ -257,7 +258,5 @@ def _fit_pixels(y, maps, out) -> None:
         out.fractions[:] = f
         var_f /= total * total
         np.sqrt(np.maximum(var_f, 0.0), out=out.fractions_stderr)
-    out.x[:] = out.fractions[:, 0]
-    out.x_stderr[:] = out.fractions_stderr[:, 0]
     out.r2[:] = np.where(sst > 0, 1.0 - ssr / sst, math.nan)
     out.rmse[:] = np.sqrt(ssr / n)

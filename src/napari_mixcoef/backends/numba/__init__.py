@@ -275,8 +275,6 @@ class NumbaBackend:
             out.stderr,
             out.fractions,
             out.fractions_stderr,
-            out.x,
-            out.x_stderr,
             out.r2,
             out.rmse,
         )

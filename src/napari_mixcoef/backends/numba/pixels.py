@@ -40,8 +40,6 @@ def fit_pixels(
     stderr,
     fractions,
     fractions_stderr,
-    x,
-    x_stderr,
     r2,
     rmse,
 ):  # pragma: no cover - compiled
@@ -146,16 +144,17 @@ def fit_pixels(
             for i in range(n_refs):
                 for lane in range(LANES):
                     total[lane] += c[i, lane]
+            for lane in range(LANES):
+                total[lane] = 1.0 / total[lane]  # one division per slice
             for i in range(n_refs):
                 for lane in range(LANES):
-                    tt = total[lane]
-                    share = c[i, lane] / tt
+                    share = c[i, lane] * total[lane]
                     v = (
                         var[i, lane]
                         - share * fvar[i, lane]
                         + share * share * total_sum[lane]
                     )
-                    v = factor[lane] * v / (tt * tt)
+                    v = factor[lane] * v * total[lane] * total[lane]
                     f[i, lane] = share
                     fvar[i, lane] = math.sqrt(0.0 if v < 0.0 else v)
         for i in range(m):
@@ -182,7 +181,3 @@ def fit_pixels(
                 for i in range(n_refs):
                     fractions[r, i] = f[i, lane]
                     fractions_stderr[r, i] = fvar[i, lane]
-        for lane in range(todo):
-            r = base + lane
-            x[r] = fractions[r, 0]
-            x_stderr[r] = fractions_stderr[r, 0]
