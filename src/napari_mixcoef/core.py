@@ -29,7 +29,6 @@ from .backends import select
 from .engine.blocks import read_slices
 from .engine.fit import iter_stats
 from .engine.threads import fit_settings
-from .model.assemble import stats_arrays
 from .model.constraints import (
     CONSTRAINTS,
     check_constraint,
@@ -124,7 +123,7 @@ def iter_fit(
             nan_policy=nan_policy,
             stacklevel=4,
         )
-        arrays = stats_arrays(design, outcome.stats, lead_shape)
+        arrays = outcome.arrays
         omitted = np.zeros(lead_shape, np.int64)
         if outcome.bad.size:
             _refit_omitted(
@@ -247,8 +246,7 @@ def _fit_one(y, refs, keep, design, spec, engine, constraint, rho, chunk):
             next(steps)
     except StopIteration as stop:
         outcome = stop.value
-    values = stats_arrays(one, outcome.stats, (1,))
-    return {key: value[0] for key, value in values.items()}
+    return {key: value[0] for key, value in outcome.arrays.items()}
 
 
 def _fit_residuals(stack, fit: MixFit):

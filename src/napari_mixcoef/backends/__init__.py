@@ -13,6 +13,9 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
 ``fit_block(y, view, spec, constraint)``
     fit whole slices by the noise model's estimator:
     :class:`~..model.noise.BlockFit`;
+``fit_pixels(y, maps, out)``
+    fit slices of a few pixels one by one and write their reported
+    numbers (:func:`~..model.pixelwise.fit_pixels`);
 ``lag_products(buf, n, offsets)``
     the lag sums of :func:`~..model.spatial.noise_correlation`;
 ``correlate(images, kernel)``
@@ -60,6 +63,9 @@ class Backend(Protocol):
 
     def fit_block(self, y: NDArray, view, spec, constraint):
         """Fit whole slices by the noise model's estimator."""
+
+    def fit_pixels(self, y: NDArray, maps, out) -> None:
+        """Fit slices of a few pixels and write their numbers into ``out``."""
 
     def lag_products(self, buf: NDArray, n: int, offsets: NDArray) -> NDArray:
         """``Σ_{p<n} buf[p]·buf[p+o]`` for each offset."""

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from numpy.typing import NDArray
 
-from ..model import noise, spatial
+from ..model import noise, pixelwise, spatial
 
 __all__ = ['NumpyBackend', 'centred']
 
@@ -103,6 +103,10 @@ class NumpyBackend:
     def fit_block(self, y, view, spec, constraint):
         """Fit whole slices (:func:`napari_mixcoef.model.noise.fit_block`)."""
         return noise.fit_block(centred(y, view), view, spec, constraint)
+
+    def fit_pixels(self, y, maps, out) -> None:
+        """Fit by a few GEMMs per block (:func:`.pixelwise.fit_pixels`)."""
+        pixelwise.fit_pixels(y, maps, out)
 
     def lag_products(self, buf, n, offsets) -> NDArray:
         """One BLAS dot per offset."""

@@ -11,6 +11,11 @@ Two ways through a stack, chosen by the estimator:
 * **slices** (robust errors of several coefficients, Poisson, Huber): the
   backend's ``fit_block`` on blocks of whole slices, which passes over a
   block while it sits in the cache.
+* **pixels** (least squares of slices of at most :data:`PIXEL_SLICE`
+  fitted pixels, such as spectra): the backend's ``fit_pixels`` reads each
+  slice once and writes its reported numbers at once
+  (:mod:`napari_mixcoef.model.pixelwise`); the per-slice sums and their
+  assembly would cost more than the fit.
 
 Robust errors first estimate the noise's spatial correlation from a few
 slices' residuals (:func:`noise_kernel`).  Pure walking: the maths is in
@@ -26,8 +31,10 @@ import numpy as np
 
 from ..backends.numpy import centred
 from ..model import noise as noise_models
+from ..model.assemble import stats_arrays
 from ..model.constraints import solve
 from ..model.noise import NoiseSpec
+from ..model.pixelwise import make_maps
 from ..model.spatial import (
     MAX_LAG,
     noise_correlation,
@@ -56,13 +63,21 @@ KERNEL_SLICES = 16
 KERNEL_PIXELS = 1 << 17
 #: Fewer residual values than this leave independent noise assumed.
 KERNEL_MIN_VALUES = 1024
+#: Least-squares slices of at most this many fitted pixels are fitted one
+#: by one (see benchmarks/bench_spectral.py).
+PIXEL_SLICE = 64
 
 
 @dataclass
 class FitOutcome:
-    """What the passes found: stats, noise kernel, notes, bad slices."""
+    """What the passes found: the reported arrays, noise kernel, notes.
 
-    stats: SliceStats
+    ``arrays`` are those of :func:`~..model.assemble.stats_arrays`
+    (shaped to the stack's lead); ``bad`` the flat indices of slices with
+    non-finite pixels (``nan_policy="omit"``).
+    """
+
+    arrays: dict[str, np.ndarray]
     rho: np.ndarray | None
     notes: list[str] = field(default_factory=list)
     bad: np.ndarray = field(default_factory=lambda: np.zeros(0, np.intp))
@@ -151,13 +166,30 @@ def noise_kernel(
     )
 
 
-def sandwich_rows(design, rho: np.ndarray, backend=None) -> np.ndarray:
-    """Sandwich terms ``(k(k+1)/2, n_ref)`` of the basis, working dtype."""
+def smoothed_basis(design, rho: np.ndarray, backend=None) -> np.ndarray:
+    """``ρ ⋆ q`` of each basis vector, ``(k, n_ref)`` float64."""
     k = design.k
     columns = design.basis.astype(np.float64)
     correlate = None if backend is None else backend.correlate
     smooth = smoothed(columns.reshape((k, *design.shape)), rho, correlate)
-    return sandwich_terms(columns, smooth.reshape(k, -1), design.dtype)
+    return smooth.reshape(k, -1)
+
+
+def sandwich_rows(design, rho: np.ndarray, backend=None) -> np.ndarray:
+    """Sandwich terms ``(k(k+1)/2, n_ref)`` of the basis, working dtype."""
+    columns = design.basis.astype(np.float64)
+    smooth = smoothed_basis(design, rho, backend)
+    return sandwich_terms(columns, smooth, design.dtype)
+
+
+def pixelwise(design, spec: NoiseSpec, constraint, stack) -> bool:
+    """Whether the slices are fitted one by one (the **pixels** route)."""
+    return (
+        design.n_pixels <= PIXEL_SLICE
+        and spec.noise == 'gaussian'
+        and constraint is None
+        and not is_dask(stack)
+    )
 
 
 def _detector_sample(stack, lead_shape, design) -> np.ndarray:
@@ -221,13 +253,31 @@ def iter_stats(
             stacklevel + 1,
         )
     terms = None
-    if spec.stderr == 'auto':
-        if fresh:
-            rho = noise_kernel(
-                stack, lead_shape, design, spec, backend, nan_policy, notes
-            )
-        terms = sandwich_rows(design, rho, backend)
+    if spec.stderr == 'auto' and fresh:
+        rho = noise_kernel(
+            stack, lead_shape, design, spec, backend, nan_policy, notes
+        )
     finite = _Finite(lead_shape, nan_policy)
+    if pixelwise(design, spec, constraint, stack):
+        smooth = None
+        if spec.stderr == 'auto':
+            smooth = smoothed_basis(design, rho, backend)
+
+        def check_rows(out, a, b):
+            finite(out.rmse[a:b], a)
+
+        out = yield from local.pixels(
+            stack,
+            lead_shape,
+            design,
+            make_maps(design, smooth),
+            backend,
+            chunk_bytes,
+            check_rows,
+        )
+        return FitOutcome(out.arrays(lead_shape), rho, notes, finite.indices())
+    if spec.stderr == 'auto':
+        terms = sandwich_rows(design, rho, backend)
     dask = is_dask(stack)
     sums_only = spec.noise == 'gaussian' and (spec.stderr == 'ols' or k == 1)
     hac = terms[0] if (terms is not None and sums_only) else None
@@ -302,7 +352,8 @@ def iter_stats(
             sandwich=fit.sandwich,
             active=fit.active,
         )
-    return FitOutcome(stats, rho, notes, finite.indices())
+    arrays = stats_arrays(design, stats, lead_shape)
+    return FitOutcome(arrays, rho, notes, finite.indices())
 
 
 def _stats_from_sums(

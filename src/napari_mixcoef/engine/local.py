@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..model.design import DesignView, make_view
+from ..model.pixelwise import PixelOutputs
 from ..model.sums import SliceSums, SumsLayout
 from .blocks import (
     Block,
@@ -26,7 +27,7 @@ from .blocks import (
 )
 from .threads import thread_run
 
-__all__ = ['Views', 'fits', 'residual_sums', 'sums']
+__all__ = ['Views', 'fits', 'pixels', 'residual_sums', 'sums']
 
 #: Blocks of an in-memory stack for the compiled one-pass sums, which
 #: read it in place: bigger blocks only mean fewer calls (see
@@ -36,6 +37,9 @@ IN_MEMORY_BLOCK_BYTES = 16 << 20
 #: each block twice: both threads' blocks stay in the L3 cache between the
 #: passes.
 TWO_PASS_BLOCK_BYTES = 4 << 20
+#: Blocks of slices of a few pixels, fitted one by one: the stored rows of
+#: a block stay in the L2 cache while its outputs are written.
+PIXEL_BLOCK_BYTES = 1 << 20
 
 
 class Views:
@@ -147,6 +151,43 @@ def fits(
             start = block.start + r0
             fit = backend.fit_block(y, view, spec, constraint)
             out[start : start + len(y)] = layout.pack(fit)
+
+    yield from thread_run(
+        groups, work, lambda a, b: check(out, a, b), n_slices
+    )
+    return out
+
+
+def pixels(
+    stack,
+    lead_shape: tuple[int, ...],
+    design,
+    maps,
+    backend,
+    chunk_bytes: int | None,
+    check: Callable[[object, int, int], None],
+):
+    """Every slice of a few pixels fitted by the backend, block by block.
+
+    A generator like :func:`sums`; returns the
+    :class:`~napari_mixcoef.model.pixelwise.PixelOutputs`, every row
+    written by the backend's ``fit_pixels``.
+    """
+    n_slices = math.prod(lead_shape)
+    out = PixelOutputs.empty(n_slices, maps)
+    groups = _plan(
+        stack,
+        lead_shape,
+        design,
+        chunk_bytes,
+        bands=False,
+        in_place_bytes=PIXEL_BLOCK_BYTES,
+    )
+
+    def work(block: Block) -> None:
+        for r0, y in stored_rows(stack, lead_shape, block, 0):
+            start = block.start + r0
+            backend.fit_pixels(y, maps, out.rows(start, start + len(y)))
 
     yield from thread_run(
         groups, work, lambda a, b: check(out, a, b), n_slices

@@ -48,7 +48,7 @@ DTYPES = frozenset(
 def make_backend():
     """Return the numba backend, or None when numba is not installed."""
     try:
-        from . import irls, kernels, tiny  # noqa: F401 - imports numba
+        from . import irls, kernels, pixels, tiny  # noqa: F401 - imports numba
     except ImportError:
         return None
     return NumbaBackend()
@@ -60,9 +60,10 @@ class NumbaBackend:
     name = 'numba'
 
     def __init__(self) -> None:
-        from . import irls, kernels, tiny
+        from . import irls, kernels, pixels, tiny
 
         self._kernels = kernels
+        self._pixels = pixels
         self._irls = irls
         self._tiny = tiny
         self._lag_groups: dict = {}
@@ -251,6 +252,31 @@ class NumbaBackend:
             squares,
         )
         return _dot_rows(squares, terms).astype(np.float64)
+
+    def fit_pixels(self, y, maps, out) -> None:
+        """Each slice read once, its numbers written once (one call)."""
+        centre, basis, var_coef, var_row, var_total = maps.working
+        self._pixels.fit_pixels(
+            y,
+            maps.index,
+            centre,
+            basis,
+            maps.lift,
+            maps.beta0,
+            var_coef,
+            var_row,
+            var_total,
+            maps.kind,
+            maps.n_references,
+            maps.robust,
+            maps.scale,
+            out.coef,
+            out.stderr,
+            out.fractions,
+            out.fractions_stderr,
+            out.r2,
+            out.rmse,
+        )
 
     def lag_products(self, buf, n, offsets) -> NDArray:
         """Sum the lags in one compiled call, nine offsets per load."""
