@@ -202,6 +202,7 @@ def iter_fit(
             shift_stderr=shift_stderr,
             registration_failed=failed,
             _design=whole,
+            _registration=reg,
             _residuals=_fit_residuals,
         )
 

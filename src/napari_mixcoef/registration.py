@@ -55,6 +55,9 @@ PASSES = 3
 #: A slice whose pattern stands out of its noise by fewer standard errors
 #: than this has no structure to register on.
 STRUCTURE_Z = 8.0
+#: A slice whose last joint fit moved further than this (pixels) from
+#: its bin's centre has not settled (it left the box, or diverged).
+UNSETTLED = 0.25
 #: Coarse correlations run on images of about this many pixels a side.
 COARSE_SIDE = 64
 #: Working buffer of one block of a registration pass.
@@ -267,6 +270,8 @@ def register_stack(
         failed |= (np.abs(shift) > limit).any(axis=1)
         failed |= ~(fit['z'] >= STRUCTURE_Z)
     failed |= ~sm.margin_ok(fit['offset'], box, shape)
+    # still far from its bin after the last pass: beyond the box's reach
+    failed |= ~(np.abs(fit['delta']) <= UNSETTLED).all(axis=1)
     shift = np.where(failed[:, None], np.nan, shift)
     return Registration(
         shift=shift,

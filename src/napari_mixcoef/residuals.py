@@ -92,6 +92,8 @@ def _dask_residuals(stack, fit):
     design = fit._design
     n_lead = len(fit.lead_shape)
     n_ref = stack.ndim - n_lead
+    if fit.shift is not None:  # moving the model needs whole images
+        stack = stack.rechunk({n_lead + i: -1 for i in range(n_ref)})
     lead = ''.join(chr(ord('a') + i) for i in range(n_lead))
     ref = ''.join(chr(ord('n') + i) for i in range(n_ref))
     coef = da.from_array(

@@ -376,13 +376,13 @@ def box_of(shape, low: NDArray, high: NDArray) -> tuple[slice, ...]:
     """Return the reference pixels that every slice covers.
 
     ``low``/``high`` (d,) are the most negative and most positive integer
-    offsets; one more pixel each side keeps the cubic spline's support
-    and a one-pixel move of an offset inside.
+    offsets; one more pixel each side keeps the references' fractional
+    shift inside their grid.
     """
     box = []
     for size, lo, hi in zip(shape, low, high):
-        a = int(max(0, -lo)) + 2
-        b = size - int(max(0, hi)) - 2
+        a = int(max(0, -lo)) + 1
+        b = size - int(max(0, hi)) - 1
         if b - a < 4:
             raise ValueError(
                 f'a shift of {max(-lo, hi)} pixels leaves no pixels of '
