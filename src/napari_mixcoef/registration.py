@@ -318,44 +318,72 @@ def _placed(shift, box, shape):
 
 
 def _joint_pass(stack, lead_shape, shape, blocks, designs, model, shift):
-    """One pass: every slice's joint fit in the bin of its current shift."""
+    """One pass: every slice's joint fit in the bin of its current shift.
+
+    The pass only gathers each slice's products with its bin's columns;
+    the Gauss–Newton iterations then run on all slices' sums at once.
+    """
     n_slices = len(shift)
-    ndim = len(shape)
     offset, key, delta0 = _placed(shift, designs.box, shape)
-    out = {
-        'offset': offset,
-        'key': key,
-        'delta': np.zeros_like(delta0),
-        'theta': np.zeros((n_slices, model.k)),
-        'ssr': np.zeros(n_slices),
-        'hessian': np.zeros((n_slices, model.k + ndim, model.k + ndim)),
-        'z': np.zeros(n_slices),
-    }
-    n = len(designs.fitted)
+    width = designs.width
+    b = np.zeros((n_slices, width))
+    yy = np.zeros(n_slices)
+    which = np.zeros(n_slices, np.intp)
+    grams, seen = [], {}
     for block in blocks:
         for start, y in _read(stack, lead_shape, shape, block):
             rows = slice(start, start + len(y))
             for off, bin_key, pick in _groups(offset[rows], key[rows]):
                 design = designs.get(bin_key)
+                if bin_key not in seen:
+                    seen[bin_key] = len(grams)
+                    grams.append(design.gram)
+                at = np.arange(start, start + len(y))[pick]
                 crop = _crop(y[pick], designs.box, off)
                 data = crop[:, designs.fitted].astype(np.float64)
-                columns = design.columns[:, designs.fitted]
                 with np.errstate(invalid='ignore', over='ignore'):
-                    b = data @ columns.T
-                    yy = np.einsum('mp,mp->m', data, data)
-                theta, delta, ssr, hess = sm.joint_fit(
-                    b, yy, design.gram, model, delta0[rows][pick]
-                )
-                at = np.arange(start, start + len(y))[pick]
-                out['delta'][at] = delta
-                out['theta'][at] = theta
-                out['ssr'][at] = ssr
-                out['hessian'][at] = hess
-                out['z'][at] = sm.structure_z(
-                    b, design.gram, ssr, theta, delta, model, n
-                )
+                    b[at] = data @ design.columns[:, designs.fitted].T
+                    yy[at] = np.einsum('mp,mp->m', data, data)
+                which[at] = seen[bin_key]
             yield 0, n_slices
+    out = {'offset': offset, 'key': key}
+    out.update(
+        _fit_sums(b, yy, np.stack(grams), which, model, delta0, designs)
+    )
     out['shift'] = offset + key / sm.BINS + out['delta']
+    return out
+
+
+#: Slices whose Gauss–Newton iterations run together (their temporaries
+#: stay small).
+_FIT_CHUNK = 4096
+
+
+def _fit_sums(b, yy, grams, which, model, delta0, designs) -> dict:
+    """Every slice's joint fit from its sums, in chunks of slices."""
+    n_slices, d = delta0.shape
+    f = model.k + d
+    out = {
+        'delta': np.zeros((n_slices, d)),
+        'theta': np.zeros((n_slices, model.k)),
+        'ssr': np.zeros(n_slices),
+        'hessian': np.zeros((n_slices, f, f)),
+        'z': np.zeros(n_slices),
+    }
+    n = len(designs.fitted)
+    for start in range(0, n_slices, _FIT_CHUNK):
+        rows = slice(start, start + _FIT_CHUNK)
+        gram = grams[which[rows]]
+        theta, delta, ssr, hess = sm.joint_fit(
+            b[rows], yy[rows], gram, model, delta0[rows]
+        )
+        out['delta'][rows] = delta
+        out['theta'][rows] = theta
+        out['ssr'][rows] = ssr
+        out['hessian'][rows] = hess
+        out['z'][rows] = sm.structure_z(
+            b[rows], gram, ssr, theta, delta, model, n
+        )
     return out
 
 

@@ -41,9 +41,6 @@ __all__ = [
 
 #: Bins per pixel of the fractional shift (see the module notes).
 BINS = 8
-#: Half-step of the central difference that gives the derivative columns
-#: (its error, h²/6 of the third derivative, is far below the noise).
-STEP = 1e-2
 #: Gauss–Newton iterations on the sums of one pass.
 ITERATIONS = 6
 
@@ -108,13 +105,14 @@ class ShiftedDesigns:
         self.k = images.shape[0]
         self.ndim = images.ndim - 1
         self.box = box
-        # the spline coefficients once; each bin evaluates them shifted
-        self._coef = np.stack(
-            [
-                ndimage.spline_filter(im, order=3, mode='mirror')
-                for im in images
-            ]
-        )
+        # the spline coefficients once, mirrored by the taps' reach; each
+        # bin evaluates them (and their derivatives) with separable taps
+        self._coef = [
+            np.pad(
+                ndimage.spline_filter(im, order=3, mode='mirror'), 2, 'reflect'
+            )
+            for im in images
+        ]
         self._plain = np.stack([im[box] for im in images]).reshape(self.k, -1)
         inside = np.ones(self._plain.shape[1], bool)
         if mask is not None:
@@ -132,15 +130,25 @@ class ShiftedDesigns:
         """Shared columns per bin, ``P = K(1 + d) + 1``."""
         return self.k * (1 + self.ndim) + 1
 
-    def _shifted(self, f: NDArray) -> NDArray:
-        """``R_k(p − f)`` over the box, ``(K, n_box)``."""
-        out = [
-            ndimage.shift(c, f, order=3, mode='mirror', prefilter=False)[
-                self.box
-            ]
-            for c in self._coef
-        ]
-        return np.stack(out).reshape(self.k, -1)
+    def _evaluated(self, coef: NDArray, f0: NDArray) -> list[NDArray]:
+        """``R(p − f0)`` and its derivatives in ``f`` over the box.
+
+        The cubic spline's 5 taps per axis: values ``β₃(−f − t)``, and
+        ``−β₃'(−f − t)`` along the axis being differentiated.
+        """
+        parts = {None: coef}
+        for axis, (part, f) in enumerate(zip(self.box, f0)):
+            taps = np.arange(-2, 3)
+            u = -f - taps
+            weight, slope = _bspline3(u), -_bspline3_slope(u)
+            done = {}
+            for which, values in parts.items():
+                done[which] = _taps(values, axis, part, weight)
+                if which is None:
+                    done[axis] = _taps(values, axis, part, slope)
+            parts = done
+        order = [None, *range(self.ndim)]
+        return [parts[w].reshape(-1) for w in order]
 
     def get(self, key: tuple[int, ...]) -> BinDesign:
         """Return the design of bin ``key`` (``f0 = key / BINS``)."""
@@ -148,15 +156,9 @@ class ShiftedDesigns:
         if hit is not None:
             return hit
         f0 = np.asarray(key, np.float64) / BINS
-        rows = [self._shifted(f0)]
-        for j in range(self.ndim):
-            step = np.zeros(self.ndim)
-            step[j] = STEP
-            # ∂/∂f_j of R(p − f): moving the reference along +f_j
-            rows.append(
-                (self._shifted(f0 + step) - self._shifted(f0 - step))
-                / (2 * STEP)
-            )
+        each = [self._evaluated(c, f0) for c in self._coef]
+        # rows: R_k, then ∂_1 R_k for every k, …, then the constant
+        rows = [np.stack([e[j] for e in each]) for j in range(self.ndim + 1)]
         rows.append(np.ones((1, rows[0].shape[1])))
         columns = np.vstack(rows)
         part = columns[:, self.fitted]
@@ -168,6 +170,37 @@ class ShiftedDesigns:
             moved=self._plain - rows[0],
         )
         return hit
+
+
+def _bspline3(u: NDArray) -> NDArray:
+    """Return the cubic B-spline at ``u``."""
+    a = np.abs(u)
+    return np.where(
+        a < 1,
+        2 / 3 - a * a + a**3 / 2,
+        np.where(a < 2, (2 - a) ** 3 / 6, 0.0),
+    )
+
+
+def _bspline3_slope(u: NDArray) -> NDArray:
+    """Return the cubic B-spline's derivative at ``u``."""
+    a = np.abs(u)
+    inner = -2 * a + 1.5 * a * a
+    outer = -((2 - a) ** 2) / 2
+    return np.sign(u) * np.where(a < 1, inner, np.where(a < 2, outer, 0.0))
+
+
+def _taps(values: NDArray, axis: int, part: slice, weights) -> NDArray:
+    """``Σ_t w_t c[p + t]`` along ``axis`` for ``p`` in ``part``.
+
+    ``values`` is padded by 2 along the axes not yet evaluated.
+    """
+    out = 0.0
+    for t, w in zip(range(-2, 3), weights):
+        index = [slice(None)] * values.ndim
+        index[axis] = slice(part.start + 2 + t, part.stop + 2 + t)
+        out = out + w * values[tuple(index)]
+    return out
 
 
 def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:
@@ -238,8 +271,8 @@ def joint_fit(
         ``Bᵀy`` of each slice over the fitted pixels.
     yy : (m,) ndarray
         ``Σy²``.
-    gram : (P, P) ndarray
-        ``BᵀB``.
+    gram : (m, P, P) ndarray
+        ``BᵀB`` of each slice's bin.
     model : Model
         The model (its weights ``w = w0 + Wθ``).
     delta0 : (m, d) ndarray
@@ -259,15 +292,15 @@ def joint_fit(
     # θ first with δ held: the model is linear in θ there
     jac = _jacobian(theta, delta, model)[..., :k]
     v0 = _vector(theta, delta, model)
-    lhs = np.einsum('mpa,pq,mqb->mab', jac, gram, jac)
-    rhs = np.einsum('mpa,mp->ma', jac, b - v0 @ gram)
+    lhs = _quadratic(jac, gram)
+    rhs = np.einsum('mpa,mp->ma', jac, b - _apply(gram, v0))
     with np.errstate(invalid='ignore', divide='ignore', over='ignore'):
         theta = _solve(lhs, rhs)
         for _ in range(ITERATIONS):
             jac = _jacobian(theta, delta, model)
             v = _vector(theta, delta, model)
-            hess = np.einsum('mpa,pq,mqb->mab', jac, gram, jac)
-            grad = np.einsum('mpa,mp->ma', jac, b - v @ gram)
+            hess = _quadratic(jac, gram)
+            grad = np.einsum('mpa,mp->ma', jac, b - _apply(gram, v))
             step = _solve(hess, grad)
             # a step beyond half a pixel leaves the linear model's reach
             step[:, k:] = np.clip(step[:, k:], -0.5, 0.5)
@@ -275,10 +308,20 @@ def joint_fit(
             delta = delta + step[:, k:]
         v = _vector(theta, delta, model)
         jac = _jacobian(theta, delta, model)
-        hess = np.einsum('mpa,pq,mqb->mab', jac, gram, jac)
+        hess = _quadratic(jac, gram)
         ssr = yy - 2 * np.einsum('mp,mp->m', v, b)
-        ssr += np.einsum('mp,pq,mq->m', v, gram, v)
+        ssr += np.einsum('mp,mp->m', v, _apply(gram, v))
     return theta, delta, np.maximum(ssr, 0.0), hess
+
+
+def _quadratic(jac: NDArray, gram: NDArray) -> NDArray:
+    """``JᵀGJ`` per slice, ``(m, f, f)``."""
+    return np.matmul(np.swapaxes(jac, 1, 2), np.matmul(gram, jac))
+
+
+def _apply(gram: NDArray, v: NDArray) -> NDArray:
+    """``G v`` per slice, ``(m, P)``."""
+    return np.matmul(gram, v[:, :, None])[..., 0]
 
 
 def _solve(lhs: NDArray, rhs: NDArray) -> NDArray:
@@ -349,9 +392,9 @@ def structure_z(
     """
     v = _vector(theta, delta, model)
     total_y = b[:, -1]
-    total_m = v @ gram[:, -1]
+    total_m = np.einsum('mp,mp->m', v, gram[:, :, -1])
     cross = np.einsum('mp,mp->m', v, b) - total_y * total_m / n
-    norm2 = np.einsum('mp,pq,mq->m', v, gram, v) - total_m**2 / n
+    norm2 = np.einsum('mp,mp->m', v, _apply(gram, v)) - total_m**2 / n
     sigma = np.sqrt(ssr / max(n - 1, 1))
     with np.errstate(invalid='ignore', divide='ignore'):
         return cross / (sigma * np.sqrt(np.maximum(norm2, 0.0)))
