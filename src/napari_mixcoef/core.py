@@ -124,7 +124,7 @@ def iter_fit(
         source, reg = stack, None
         if limit is not None:
             reg = yield from register_stack(
-                stack, lead_shape, refs, design.model, limit
+                stack, lead_shape, refs, design.model, limit, design.dtype
             )
             stack = RegisteredStack(source, lead_shape, reg, design.dtype)
             with warnings.catch_warnings():  # the whole grid's warned once

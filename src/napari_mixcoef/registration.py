@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from .engine.blocks import plan_blocks, stored_rows
 from .model import shifts as sm
+from .model.design import meat_sample
 from .model.references import References
 
 __all__ = [
@@ -59,9 +60,9 @@ STRUCTURE_Z = 8.0
 #: its bin's centre has not settled (it left the box, or diverged).
 UNSETTLED = 0.25
 #: Coarse correlations run on images of about this many pixels a side.
-COARSE_SIDE = 64
+COARSE_SIDE = 32
 #: Working buffer of one block of a registration pass.
-BLOCK_BYTES = 4 << 20
+BLOCK_BYTES = 16 << 20
 
 
 def check_register(register, max_shift, shape) -> float | None:
@@ -220,7 +221,7 @@ class _Coarse:
 
 
 def register_stack(
-    stack, lead_shape, refs: References, model, limit: float
+    stack, lead_shape, refs: References, model, limit: float, dtype
 ) -> Generator[tuple[int, int], None, Registration]:
     """Estimate every slice's shift; yield ``(0, n)`` per block.
 
@@ -236,6 +237,8 @@ def register_stack(
         The model whose coefficients are fitted with the shift.
     limit : float
         The largest shift (pixels) along any axis.
+    dtype : dtype
+        Working float type of the products (the engine's).
 
     Returns
     -------
@@ -266,7 +269,7 @@ def register_stack(
     fit = None
     for _ in range(PASSES):
         fit = yield from _joint_pass(
-            stack, lead_shape, shape, blocks, designs, model, shift
+            stack, lead_shape, shape, blocks, designs, model, shift, dtype
         )
         shift = fit['shift']
     failed = ~np.isfinite(shift).all(axis=1)
@@ -299,16 +302,24 @@ def _groups(offset: NDArray, key: NDArray):
     which = which.reshape(-1)
     d = offset.shape[1]
     for g, value in enumerate(values):
-        yield value[:d], tuple(int(v) for v in value[d:]), which == g
+        rows = np.flatnonzero(which == g)
+        if rows[-1] - rows[0] + 1 == len(rows):  # a run: views, no copies
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+        yield value[:d], tuple(int(v) for v in value[d:]), rows
 
 
-def _crop(y: NDArray, box, offset) -> NDArray:
-    """Slices ``y`` (m, *shape) read over the box moved by ``offset``."""
+def _window_of(y: NDArray, box, offset) -> NDArray:
+    """Slices ``y`` (m, *shape) over the box moved by ``offset`` (a view)."""
     index = tuple(
         slice(part.start + int(n), part.stop + int(n))
         for part, n in zip(box, offset)
     )
-    return y[(slice(None), *index)].reshape(len(y), -1)
+    return y[(slice(None), *index)]
+
+
+def _crop(y: NDArray, box, offset) -> NDArray:
+    """Slices ``y`` (m, *shape) read over the box moved by ``offset``."""
+    return _window_of(y, box, offset).reshape(len(y), -1)
 
 
 def _placed(shift, box, shape):
@@ -321,7 +332,9 @@ def _placed(shift, box, shape):
     return offset, key, delta
 
 
-def _joint_pass(stack, lead_shape, shape, blocks, designs, model, shift):
+def _joint_pass(
+    stack, lead_shape, shape, blocks, designs, model, shift, dtype
+):
     """One pass: every slice's joint fit in the bin of its current shift.
 
     The pass only gathers each slice's products with its bin's columns;
@@ -343,11 +356,10 @@ def _joint_pass(stack, lead_shape, shape, blocks, designs, model, shift):
                     seen[bin_key] = len(grams)
                     grams.append(design.gram)
                 at = np.arange(start, start + len(y))[pick]
-                crop = _crop(y[pick], designs.box, off)
-                data = crop[:, designs.fitted].astype(np.float64)
                 with np.errstate(invalid='ignore', over='ignore'):
-                    b[at] = data @ design.columns[:, designs.fitted].T
-                    yy[at] = np.einsum('mp,mp->m', data, data)
+                    b[at], yy[at] = design.products(
+                        _window_of(y[pick], designs.box, off), dtype
+                    )
                 which[at] = seen[bin_key]
             yield 0, n_slices
     out = {'offset': offset, 'key': key}
@@ -394,11 +406,13 @@ def _fit_sums(b, yy, grams, which, model, delta0, designs) -> dict:
 def shift_errors(
     reg: Registration, stack, lead_shape, stderr: str, rho
 ) -> NDArray[np.float64]:
-    """Return the standard errors of the shifts, ``(n, d)`` (NaN where failed).
+    """Return the shifts' standard errors, ``(n, d)`` (NaN where failed).
 
     ``stderr="ols"``: ``σ̂²H⁻¹`` of the joint fit.  ``"auto"``: the
     sandwich with the spatial HAC terms of the noise kernel ``rho`` (the
-    coefficients' own), from one more pass over the residuals.
+    coefficients' own), from one more pass over the residuals, summed over
+    the engine's fixed sample of pixels (:func:`~.model.design.meat_sample`)
+    where a slice has many.
     """
     designs = reg.designs
     n = len(designs.fitted)
@@ -408,6 +422,11 @@ def shift_errors(
         meat = np.zeros_like(reg.hessian)
         shape = designs.box_shape
         full = tuple(int(s) for s in stack.shape[len(lead_shape) :])
+        inside = np.zeros(math.prod(shape), bool)
+        inside[designs.fitted] = True
+        sample, scale = meat_sample(inside, inside.size, n, k + len(shape))
+        picked = designs.fitted if sample is None else np.flatnonzero(sample)
+        where = np.searchsorted(designs.fitted, picked)  # in the terms
         for block in (b for g in _blocks(lead_shape, full) for b in g):
             for start, y in _read(stack, lead_shape, full, block):
                 rows = slice(start, start + len(y))
@@ -416,18 +435,13 @@ def shift_errors(
                     design = designs.get(bin_key)
                     at = np.arange(start, start + len(y))[pick]
                     theta, delta = reg.theta[at], reg.delta[at]
-                    data = _crop(y[pick], designs.box, off)[
-                        :, designs.fitted
-                    ].astype(np.float64)
+                    data = _crop(y[pick], designs.box, off)[:, picked]
                     v = sm._vector(theta, delta, reg.model)
+                    terms = designs.get(_coarser(bin_key)).terms(rho, shape)
                     with np.errstate(invalid='ignore', over='ignore'):
-                        r = data - v @ design.columns[:, designs.fitted]
-                        meat[at] = sm.joint_meat(
-                            r * r,
-                            designs.get(_coarser(bin_key)).terms(rho, shape),
-                            theta,
-                            delta,
-                            reg.model,
+                        r = data - v @ design.columns[:, picked]
+                        meat[at] = scale * sm.joint_meat(
+                            r * r, terms[:, where], theta, delta, reg.model
                         )
     cov = sm.joint_covariance(reg.hessian, reg.ssr, n, meat)
     var = np.diagonal(cov, axis1=1, axis2=2)[:, k:]

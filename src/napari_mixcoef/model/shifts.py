@@ -69,6 +69,53 @@ class BinDesign:
     fitted: NDArray[np.intp]
     gram: NDArray[np.float64]
     moved: NDArray[np.float64]
+    _ndim: int = 2
+
+    def products(self, data: NDArray, dtype) -> tuple[NDArray, NDArray]:
+        """``Bᵀy`` and ``Σy²`` of slices over the fitted pixels.
+
+        Parameters
+        ----------
+        data : (m, *box) ndarray
+            The slices over the box, as stored (a strided view will do).
+        dtype : dtype
+            Working float type: the slices are centred on the bin's mean
+            reference in it (as the engine's sums are), the centre's own
+            products added in float64.
+
+        Returns
+        -------
+        b : (m, P) ndarray of float64
+        yy : (m,) ndarray of float64
+        """
+        cached = self.__dict__.get('_centred')
+        if cached is None or cached[0] != np.dtype(dtype):
+            k = (len(self.columns) - 1) // (1 + self._ndim)
+            outside = np.ones(self.columns.shape[1], bool)
+            outside[self.fitted] = False
+            columns = self.columns.copy()
+            columns[:, outside] = 0.0  # pixels outside the mask add nothing
+            centre = columns[:k].mean(axis=0)
+            cached = (
+                np.dtype(dtype),
+                centre.astype(dtype).reshape(data.shape[1:]),
+                np.ascontiguousarray(columns.T, dtype=dtype),
+                columns @ centre,
+                float(centre @ centre),
+                k,
+                outside if outside.any() else None,
+            )
+            object.__setattr__(self, '_centred', cached)
+        _, centre, columns, b_centre, norm2, k, outside = cached
+        yc = np.subtract(data, centre, dtype=centre.dtype)
+        yc = yc.reshape(len(yc), -1)
+        if outside is not None:
+            yc[:, outside] = 0
+        bc = np.dot(yc, columns).astype(np.float64)
+        yy = np.einsum('mp,mp->m', yc, yc, dtype=np.float64)
+        # Σy² = Σy_c² + 2 M·y_c + ‖M‖², M the mean of the first K columns
+        yy += 2 * bc[:, :k].mean(axis=1) + norm2
+        return bc + b_centre, yy
 
     def terms(self, rho: NDArray, box_shape) -> NDArray[np.float64]:
         """Sandwich terms of the columns, ``(P(P+1)/2, n_fit)``.
@@ -168,6 +215,7 @@ class ShiftedDesigns:
             fitted=self.fitted,
             gram=part @ part.T,
             moved=self._plain - rows[0],
+            _ndim=self.ndim,
         )
         return hit
 
