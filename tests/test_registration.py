@@ -250,3 +250,27 @@ def test_bad_options(small, kwargs, match):
     stack, a, b, _, _ = small
     with pytest.raises(ValueError, match=match):
         fit_stack(stack, a, b, **kwargs)
+
+
+def test_volumes_and_omitted_pixels():
+    rng = np.random.default_rng(0)
+    a = ndimage.gaussian_filter(rng.random((24, 24, 24)) * 1000, 2) + 100
+    b = ndimage.gaussian_filter(rng.random((24, 24, 24)) * 1000, 2) + 100
+    moves = rng.uniform(-1.5, 1.5, (6, 3))
+    clean = [
+        ndimage.shift(0.3 * a + 0.7 * b, m, mode='nearest') for m in moves
+    ]
+    stack = np.stack(clean) + rng.normal(0, 1.0, (6, 24, 24, 24))
+    with pytest.warns(UserWarning, match='collinear'):
+        fit = fit_stack(stack, a, b, register='translation')
+    assert fit.shift.shape == (6, 3)
+    assert np.abs(fit.shift - moves).max() < 0.02
+    # a slice with a NaN pixel is fitted on the others, unregistered
+    stack, a, b, _, truth = drifting(8, seed=1)
+    stack = stack.astype(np.float32)
+    stack[2, 10, 10] = np.nan
+    fit = fit_stack(stack, a, b, register='translation', nan_policy='omit')
+    assert np.flatnonzero(fit.registration_failed).tolist() == [2]
+    assert fit.n_omitted[2] == 1 and np.isfinite(fit.x[2])
+    keep = ~fit.registration_failed
+    assert np.abs(fit.shift[keep] - truth[keep]).max() < 0.05
