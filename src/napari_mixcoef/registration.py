@@ -29,6 +29,7 @@ of the unregistered slice over the same pixels.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .engine.blocks import plan_blocks, stored_rows
+from .engine.threads import thread_run
 from .model import shifts as sm
 from .model.design import meat_sample
 from .model.references import References
@@ -120,6 +122,15 @@ class Registration:
         images = np.ascontiguousarray(refs.images[(slice(None), *self.box)])
         mask = None if refs.mask is None else refs.mask[self.box]
         return References(images, mask, int(len(self.designs.fitted)))
+
+
+def _on_threads(groups, work, n_slices):
+    """Run ``work`` on every block on the chunk threads; yield ``(0, n)``.
+
+    Progress stays at 0: the fit proper reports it.
+    """
+    for _ in thread_run(groups, work, lambda *_: None, n_slices):
+        yield 0, n_slices
 
 
 def _blocks(lead_shape, shape):
@@ -249,12 +260,14 @@ def register_stack(
     ndim = len(shape)
     coarse = np.zeros((n_slices, ndim))
     estimate = _Coarse(refs, limit)
-    blocks = [b for group in _blocks(lead_shape, shape) for b in group]
-    for block in blocks:
+    blocks = _blocks(lead_shape, shape)
+
+    def work(block) -> None:
         for start, y in _read(stack, lead_shape, shape, block):
             with np.errstate(invalid='ignore', over='ignore'):
                 coarse[start : start + len(y)] = estimate(y)
-            yield 0, n_slices
+
+    yield from _on_threads(blocks, work, n_slices)
     inside = np.isfinite(coarse).all(axis=1)
     inside &= (np.abs(coarse) <= limit).all(axis=1)
     reach = math.ceil(limit) + 1
@@ -346,26 +359,27 @@ def _joint_pass(
     b = np.zeros((n_slices, width))
     yy = np.zeros(n_slices)
     which = np.zeros(n_slices, np.intp)
-    grams, seen = [], {}
-    for block in blocks:
+    seen: dict[tuple[int, ...], int] = {}
+    lock = threading.Lock()
+
+    def work(block) -> None:
         for start, y in _read(stack, lead_shape, shape, block):
             rows = slice(start, start + len(y))
             for off, bin_key, pick in _groups(offset[rows], key[rows]):
                 design = designs.get(bin_key)
-                if bin_key not in seen:
-                    seen[bin_key] = len(grams)
-                    grams.append(design.gram)
+                with lock:
+                    index = seen.setdefault(bin_key, len(seen))
                 at = np.arange(start, start + len(y))[pick]
                 with np.errstate(invalid='ignore', over='ignore'):
                     b[at], yy[at] = design.products(
                         _window_of(y[pick], designs.box, off), dtype
                     )
-                which[at] = seen[bin_key]
-            yield 0, n_slices
+                which[at] = index
+
+    yield from _on_threads(blocks, work, n_slices)
+    grams = np.stack([designs.get(k).gram for k in seen])
     out = {'offset': offset, 'key': key}
-    out.update(
-        _fit_sums(b, yy, np.stack(grams), which, model, delta0, designs)
-    )
+    out.update(_fit_sums(b, yy, grams, which, model, delta0, designs))
     out['shift'] = offset + key / sm.BINS + out['delta']
     return out
 
@@ -427,7 +441,8 @@ def shift_errors(
         sample, scale = meat_sample(inside, inside.size, n, k + len(shape))
         picked = designs.fitted if sample is None else np.flatnonzero(sample)
         where = np.searchsorted(designs.fitted, picked)  # in the terms
-        for block in (b for g in _blocks(lead_shape, full) for b in g):
+
+        def work(block) -> None:
             for start, y in _read(stack, lead_shape, full, block):
                 rows = slice(start, start + len(y))
                 groups = _groups(reg.offset[rows], reg.key[rows])
@@ -443,6 +458,9 @@ def shift_errors(
                         meat[at] = scale * sm.joint_meat(
                             r * r, terms[:, where], theta, delta, reg.model
                         )
+
+        for _ in _on_threads(_blocks(lead_shape, full), work, len(meat)):
+            pass
     cov = sm.joint_covariance(reg.hessian, reg.ssr, n, meat)
     var = np.diagonal(cov, axis1=1, axis2=2)[:, k:]
     err = np.sqrt(np.maximum(var, 0.0))
