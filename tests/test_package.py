@@ -58,4 +58,4 @@ def test_manifest_declares_what_exists():
         'Mixing coefficients plot': 'napari_mixcoef._qt.plot:CoefficientPlot',
     }
     keys = [s.key for s in manifest.contributions.sample_data]
-    assert keys == ['mixture', 'three_states']
+    assert keys == ['mixture', 'three_states', 'drifting_mixture']

@@ -253,3 +253,14 @@ def test_reference_diagnostics_closed_form():
     same = reference_diagnostics(a, 3 * a)
     assert same['collinear'] and same['nearly_collinear']
     assert_allclose(same['x_stderr_per_noise'], 1 / np.linalg.norm(2 * a))
+
+
+def test_huber_textbook_errors_are_not_zero():
+    # a packed zero bread once made every Huber "ols" error zero
+    rng = np.random.default_rng(3)
+    a, b = references(rng)
+    x, clean = mixed(rng, a, b, n=200)
+    stack = clean + rng.normal(0, 15.0, clean.shape)
+    huber = fit_stack(stack, a, b, noise='huber', stderr='ols')
+    plain = fit_stack(stack, a, b, stderr='ols')
+    assert_allclose(huber.x_stderr, plain.x_stderr, rtol=0.1)

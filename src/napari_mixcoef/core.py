@@ -45,6 +45,13 @@ from .model.references import (
     diagnose,
 )
 from .model.result import MixFit, write_csv, write_provenance
+from .registration import (
+    REGISTRATIONS,
+    RegisteredStack,
+    check_register,
+    register_stack,
+    shift_errors,
+)
 from .residuals import lazy_residuals
 
 __all__ = [
@@ -52,6 +59,7 @@ __all__ = [
     'MODELS',
     'NAN_POLICIES',
     'NOISE_MODELS',
+    'REGISTRATIONS',
     'STDERR_MODES',
     'MixFit',
     'fit_stack',
@@ -83,6 +91,8 @@ def iter_fit(
     constraint: str | None = None,
     nan_policy: str = 'raise',
     backend: str | None = None,
+    register: str | None = None,
+    max_shift: float | None = None,
 ) -> Generator[tuple[int, int], None, MixFit]:
     """Fit the stack, yielding ``(done_slices, total_slices)`` as it goes.
 
@@ -103,11 +113,24 @@ def iter_fit(
                 f'unknown nan_policy {nan_policy!r}; choose "raise" or "omit"'
             )
         refs = checked_references(references, mask)
+        limit = check_register(register, max_shift, refs.shape)
         stack = check_stack(stack, refs.shape)
         design = make_design(refs, model, np.dtype(stack.dtype), stacklevel=4)
+        whole = design  # the residuals' design: the full reference grid
         lead_shape = tuple(
             int(s) for s in stack.shape[: stack.ndim - len(refs.shape)]
         )
+        source, reg = stack, None
+        if limit is not None:
+            reg = yield from register_stack(
+                stack, lead_shape, refs, design.model, limit, design.dtype
+            )
+            stack = RegisteredStack(source, lead_shape, reg, design.dtype)
+            with warnings.catch_warnings():  # the whole grid's warned once
+                warnings.simplefilter('ignore', CollinearityWarning)
+                design = make_design(
+                    reg.box_references(refs), model, design.dtype
+                )
         engine = select(
             backend, stack.dtype, design.k, spec, constraint is not None
         )
@@ -138,6 +161,14 @@ def iter_fit(
                 lead_shape,
                 chunk_bytes,
             )
+        shift = shift_stderr = failed = None
+        if reg is not None:
+            shift_stderr = shift_errors(
+                reg, source, lead_shape, spec.stderr, outcome.rho
+            )
+            shift = reg.shift.reshape(lead_shape + reg.shift.shape[1:])
+            shift_stderr = shift_stderr.reshape(shift.shape)
+            failed = reg.failed.reshape(lead_shape)
         return MixFit(
             model=design.model.name,
             names=design.model.names,
@@ -165,7 +196,12 @@ def iter_fit(
             backend=engine.name,
             n_omitted=omitted,
             notes=tuple(outcome.notes),
-            _design=design,
+            register=register,
+            shift=shift,
+            shift_stderr=shift_stderr,
+            registration_failed=failed,
+            _design=whole,
+            _registration=reg,
             _residuals=_fit_residuals,
         )
 
@@ -281,6 +317,8 @@ def fit_stack(
     constraint: str | None = None,
     nan_policy: str = 'raise',
     backend: str | None = None,
+    register: str | None = None,
+    max_shift: float | None = None,
 ) -> MixFit:
     """Fit each slice of `stack` as a combination of reference images.
 
@@ -337,6 +375,21 @@ def fit_stack(
     backend : {None, "numba", "numpy"}
         The backend to compute with (None: ``NAPARI_MIXCOEF_BACKEND``, or
         numba when installed).  A fit the backend cannot do runs on numpy.
+    register : {None, "translation"}
+        ``"translation"``: each slice's sub-pixel translation relative to
+        the references is estimated together with its coefficients
+        (``fit.shift``, lead + (ndim,), pixels along each reference axis:
+        a slice equal to ``scipy.ndimage.shift(model, s)`` has shift
+        ``s``; ``fit.shift_stderr``).  Coefficients, statistics and
+        residuals are those of the registered slice, fitted over the part
+        of the grid every slice covers (``fit.n_pixels`` counts it).  A
+        slice with no structure to register on, or shifted beyond
+        ``max_shift``, is flagged in ``fit.registration_failed``: its
+        shift is NaN and its coefficients those of the unregistered
+        slice.  See :mod:`napari_mixcoef.registration`.
+    max_shift : float, optional
+        Largest shift (pixels) along any axis; default a quarter of the
+        smallest reference axis.
 
     Returns
     -------
@@ -388,6 +441,8 @@ def fit_stack(
         constraint=constraint,
         nan_policy=nan_policy,
         backend=backend,
+        register=register,
+        max_shift=max_shift,
     )
     try:
         while True:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 
 from .engine.blocks import as_numpy, is_dask
+from .model.shifts import shifted_images
 
 __all__ = ['ResidualStack', 'lazy_residuals']
 
@@ -57,6 +58,11 @@ class ResidualStack:
         data = as_numpy(self._stack[lead_key])
         coef = self._fit.coef[lead_key]
         model = self._model.image(coef, self._images, self._work)
+        shift = self._fit.shift
+        # registered: the model moved onto the slice, as the fit saw it
+        model = shifted_images(
+            model, None if shift is None else shift[lead_key]
+        )
         res = np.subtract(data, model, dtype=self._work)
         res = res.astype(np.float32, copy=False)
         kept = res.ndim - (self._images.ndim - 1)
@@ -67,9 +73,11 @@ class ResidualStack:
         return out if dtype is None else out.astype(dtype)
 
 
-def _residual_block(y, coef, images, *, model, work: str):
+def _residual_block(y, coef, images, *shift, model, work: str):
     dtype = np.dtype(work)
-    res = np.subtract(y, model.image(coef, images, dtype), dtype=dtype)
+    image = model.image(coef, images, dtype)
+    image = shifted_images(image, shift[0] if shift else None)
+    res = np.subtract(y, image, dtype=dtype)
     return res.astype(np.float32, copy=False)
 
 
@@ -84,6 +92,8 @@ def _dask_residuals(stack, fit):
     design = fit._design
     n_lead = len(fit.lead_shape)
     n_ref = stack.ndim - n_lead
+    if fit.shift is not None:  # moving the model needs whole images
+        stack = stack.rechunk({n_lead + i: -1 for i in range(n_ref)})
     lead = ''.join(chr(ord('a') + i) for i in range(n_lead))
     ref = ''.join(chr(ord('n') + i) for i in range(n_ref))
     coef = da.from_array(
@@ -96,6 +106,14 @@ def _dask_residuals(stack, fit):
         chunks=((design.refs.k,), *stack.chunks[n_lead:]),
         name=False,
     )
+    extra = ()
+    if fit.shift is not None:
+        shift = da.from_array(
+            fit.shift,
+            chunks=stack.chunks[:n_lead] + (fit.shift.shape[-1],),
+            name=False,
+        )
+        extra = (shift, lead + 'w')
     return da.blockwise(
         _residual_block,
         lead + ref,
@@ -105,6 +123,7 @@ def _dask_residuals(stack, fit):
         lead + 'z',
         images,
         'y' + ref,
+        *extra,
         model=design.model,
         work=design.dtype.str,
         dtype=np.float32,

@@ -1,6 +1,7 @@
 """The samples: noisy uint16 stacks mixed from known references.
 
-"mixture" mixes two references, "three_states" three.  Both are built from
+"mixture" mixes two references, "three_states" three; "drifting_mixture" is
+the mixture with a slow sub-pixel drift of a few pixels.  Both are built from
 images that ship inside scikit-image's wheel (nothing is downloaded): the
 haematoxylin and DAB stain channels of its immunohistochemistry image
 (separated with :func:`skimage.color.rgb2hed`) and its phase-contrast cell
@@ -60,15 +61,28 @@ def make_mixture(
     truth_x : (n_slices,) ndarray of float64
         The mixing coefficients used, slowly varying within 0.4–0.7.
     """
+    mean, a, b, truth = _mixture_mean(n_slices, shape, photons)
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(mean) + rng.normal(0, read_noise, mean.shape)
+    stack = np.clip(np.rint(counts + camera_offset), 0, 65535)
+    return (
+        stack.astype(np.uint16),
+        (a + camera_offset).astype(np.float32),
+        (b + camera_offset).astype(np.float32),
+        truth,
+    )
+
+
+def _mixture_mean(n_slices, shape, photons, defects=True):
+    """Return the mixture's mean photons, references and x."""
     from skimage import filters
 
     a, b = _stains(shape, photons)
     t = np.arange(n_slices)
     truth = 0.55 + 0.1 * np.sin(2 * np.pi * t / 160) + 0.03 * np.sin(t / 9)
     truth = np.clip(truth, 0.4, 0.7)
-    rng = np.random.default_rng(seed)
     mean = truth[:, None, None] * a + (1 - truth[:, None, None]) * b
-    for i in DEBRIS_SLICES:
+    for i in DEBRIS_SLICES if defects else ():
         if i < n_slices:
             yy, xx = np.mgrid[: shape[0], : shape[1]]
             cy = 0.3 * shape[0] + 4 * (i - DEBRIS_SLICES[0])
@@ -78,16 +92,98 @@ def make_mixture(
                 * photons
                 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 3.0**2))
             )
-    if DEFOCUS_SLICE < n_slices:
+    if defects and DEFOCUS_SLICE < n_slices:
         mean[DEFOCUS_SLICE] = filters.gaussian(mean[DEFOCUS_SLICE], sigma=2.5)
-    counts = rng.poisson(mean) + rng.normal(0, read_noise, mean.shape)
+    return mean, a, b, truth
+
+
+def drift_path(n_slices: int, amplitude: float = 3.0) -> NDArray[np.float64]:
+    """Return a slow sub-pixel drift within ±amplitude pixels, (n, 2)."""
+    t = np.arange(n_slices) / max(n_slices, 1)
+    return np.stack(
+        [
+            amplitude * np.sin(2 * np.pi * 0.8 * t),
+            0.85 * amplitude * np.cos(2 * np.pi * t + 0.4),
+        ],
+        axis=1,
+    )
+
+
+def make_drifting_mixture(
+    n_slices: int = 200,
+    shape: tuple[int, int] = (128, 128),
+    *,
+    amplitude: float = 3.0,
+    photons: float = 900.0,
+    camera_offset: float = 100.0,
+    read_noise: float = 3.0,
+    defects: bool = True,
+    seed: int = 0,
+) -> tuple[
+    NDArray[np.uint16],
+    NDArray[np.float32],
+    NDArray[np.float32],
+    NDArray[np.float64],
+    NDArray[np.float64],
+]:
+    """Make the "drifting_mixture" sample: the mixture, slowly drifting.
+
+    Parameters
+    ----------
+    n_slices, shape, photons, camera_offset, read_noise, seed
+        As :func:`make_mixture`.
+    amplitude : float
+        Largest drift along an axis (pixels).
+    defects : bool
+        Whether the debris and defocused slices of the mixture are in.
+
+    Returns
+    -------
+    stack : (n_slices, *shape) ndarray of uint16
+        Slice ``i`` is ``scipy.ndimage.shift(mean_i, truth_shift[i])``
+        (cubic spline, edges continued), Poisson-sampled, plus read noise
+        and the camera offset.
+    ref1, ref2 : (*shape) ndarray of float32
+        The references (not shifted), in counts.
+    truth_x : (n_slices,) ndarray of float64
+        The mixing coefficients.
+    truth_shift : (n_slices, 2) ndarray of float64
+        The drift (:func:`drift_path`), pixels along each axis.
+    """
+    from scipy import ndimage
+
+    mean, a, b, truth = _mixture_mean(n_slices, shape, photons, defects)
+    shift = drift_path(n_slices, amplitude)
+    for i in range(n_slices):
+        mean[i] = ndimage.shift(mean[i], shift[i], order=3, mode='nearest')
+    rng = np.random.default_rng(seed)
+    counts = rng.poisson(np.maximum(mean, 0)) + rng.normal(
+        0, read_noise, mean.shape
+    )
     stack = np.clip(np.rint(counts + camera_offset), 0, 65535)
     return (
         stack.astype(np.uint16),
         (a + camera_offset).astype(np.float32),
         (b + camera_offset).astype(np.float32),
         truth,
+        shift,
     )
+
+
+def sample_drifting_mixture() -> list[tuple]:
+    """Return the "drifting_mixture" sample as napari layer data tuples.
+
+    Returns
+    -------
+    list of (data, kwargs, layer_type)
+        "reference 1", "reference 2" and "drifting mixture stack" (uint16,
+        ``metadata["truth_x"]`` and ``metadata["truth_shift"]`` (n, 2)).
+    """
+    stack, ref1, ref2, truth, shift = make_drifting_mixture()
+    layers = _mixture_layers(stack, ref1, ref2, 'drifting mixture stack')
+    layers[-1][1]['metadata']['truth_x'] = truth
+    layers[-1][1]['metadata']['truth_shift'] = shift
+    return layers
 
 
 def sample_mixture() -> list[tuple]:
@@ -100,6 +196,13 @@ def sample_mixture() -> list[tuple]:
         and "reference 2".
     """
     stack, ref1, ref2, truth = make_mixture()
+    layers = _mixture_layers(stack, ref1, ref2, 'mixture stack')
+    layers[-1][1]['metadata']['truth_x'] = truth
+    return layers
+
+
+def _mixture_layers(stack, ref1, ref2, name: str) -> list[tuple]:
+    """Return the two references (hidden) and the stack's layer tuples."""
     limits = [
         float(min(ref1.min(), ref2.min())),
         float(max(ref1.max(), ref2.max())),
@@ -127,11 +230,7 @@ def sample_mixture() -> list[tuple]:
         ),
         (
             stack,
-            {
-                'name': 'mixture stack',
-                'contrast_limits': limits,
-                'metadata': {'truth_x': truth},
-            },
+            {'name': name, 'contrast_limits': limits, 'metadata': {}},
             'image',
         ),
     ]

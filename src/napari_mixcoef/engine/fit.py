@@ -311,7 +311,10 @@ def iter_stats(
         layout = FitLayout(
             k,
             0 if constraint is None else len(constraint[1]),
-            bread=spec.noise != 'gaussian',
+            # Huber's textbook errors have no bread: a packed zero one
+            # would make every error zero
+            bread=spec.noise == 'poisson'
+            or (spec.noise == 'huber' and spec.stderr == 'auto'),
         )
         yy = layout._spans()['yy'][0]
 

@@ -110,6 +110,7 @@ class MixFit:
         default=None, repr=False
     )
     _design: object = field(default=None, repr=False)
+    _registration: object = field(default=None, repr=False)
     _residuals: Callable | None = field(default=None, repr=False)
 
     @property
