@@ -34,6 +34,20 @@ _BAND_EDGE = 2.5
 _BAND_ALPHA = {'dark': 0.55, 'light': 0.9}
 #: How the plot states find_outliers' rule (its default z and r2_drop).
 OUTLIER_RULE = 'outlier: low R², or x > 5 SE off its neighbours'
+#: The shares' colours with three or more references, by their order
+#: (matplotlib's tab10, readable on napari's dark and light themes).
+SHARE_COLORS = (
+    '#1f77b4',
+    '#ff7f0e',
+    '#2ca02c',
+    '#d62728',
+    '#9467bd',
+    '#8c564b',
+    '#e377c2',
+    '#bcbd22',
+)
+# a coloured band is drawn lighter than the theme's one-line band
+_SERIES_BAND_ALPHA = 0.3
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,10 @@ class Line:
         The coefficients' names.
     outliers : (n,) ndarray of bool
         :func:`~napari_mixcoef.outliers.find_outliers` of the line.
+    fractions, fractions_stderr : (n, K) ndarray of float64
+        Each reference's share and its error.
+    at_bound : (n,) ndarray of bool
+        Where a constraint holds a share at its bound.
     """
 
     index: np.ndarray
@@ -63,6 +81,14 @@ class Line:
     stderr: np.ndarray
     names: tuple[str, ...]
     outliers: np.ndarray
+    fractions: np.ndarray
+    fractions_stderr: np.ndarray
+    at_bound: np.ndarray
+
+    @property
+    def n_references(self) -> int:
+        """K, the number of references."""
+        return self.fractions.shape[1]
 
     @classmethod
     def of(cls, fit: MixFit, where: tuple[int, ...] = ()) -> Line:
@@ -74,6 +100,17 @@ class Line:
             return np.where(np.isfinite(a), a, np.nan)
 
         x, x_stderr, r2 = finite(fit.x), finite(fit.x_stderr), finite(fit.r2)
+        if fit.fractions is not None:
+            fractions = finite(fit.fractions)
+            fractions_stderr = finite(fit.fractions_stderr)
+        else:  # a fit made before K references: its x and 1 − x
+            fractions = np.stack([x, 1 - x], axis=-1)
+            fractions_stderr = np.stack([x_stderr, x_stderr], axis=-1)
+        at_bound = (
+            np.zeros(x.shape, bool)
+            if fit.at_bound is None
+            else np.asarray(fit.at_bound[key], bool)
+        )
         return cls(
             index=np.arange(x.size),
             where=tuple(where),
@@ -84,37 +121,52 @@ class Line:
             stderr=finite(fit.stderr),
             names=tuple(fit.names),
             outliers=find_outliers(x, x_stderr, r2),
+            fractions=fractions,
+            fractions_stderr=fractions_stderr,
+            at_bound=at_bound,
         )
 
 
 def _band(
-    ax: Axes, line: Line, value, error, colors, gid: str, style: str = '-'
+    ax: Axes,
+    line: Line,
+    value,
+    error,
+    colors,
+    gid: str,
+    style: str = '-',
+    color: str | None = None,
 ) -> list:
     """Draw value ± 1.96 SE as a band under its line; return both ends.
 
-    The line's gid is `gid`, the band's ``gid + " band"``.
+    The line's gid is `gid`, the band's ``gid + " band"``; `color` colours
+    both (default: the theme's text and highlight colours).
     """
     index = line.index
     lo, hi = value - BAND_Z * error, value + BAND_Z * error
     if index.size == 1:  # one slice: an error bar through its point
         index = index[0] + np.array([-0.04, 0.04])
         lo, hi = lo.repeat(2), hi.repeat(2)
-    color = colors['current']
+    band = color or colors['current']
     ax.fill_between(
         index,
         lo,
         hi,
-        facecolor=color,
-        edgecolor=color,
+        facecolor=band,
+        edgecolor=band,
         linewidth=_BAND_EDGE,
-        alpha=_BAND_ALPHA.get(colors['type'], 0.55),
+        alpha=(
+            _SERIES_BAND_ALPHA
+            if color
+            else _BAND_ALPHA.get(colors['type'], 0.55)
+        ),
         zorder=1,
         gid=f'{gid} band',
     )
     ax.plot(
         line.index,
         value,
-        color=colors['text'],
+        color=color or colors['text'],
         linewidth=1.0,
         linestyle=style,
         marker='o' if line.index.size == 1 else None,
@@ -155,11 +207,20 @@ def _short(name: str, n: int = 16) -> str:
     return name if len(name) <= n else name[: n - 1] + '…'
 
 
+def _names(source: FitSource, k: int) -> tuple[str, ...]:
+    """Return the K references' names (numbered past the source's)."""
+    names = tuple(source.references)
+    return names[:k] + tuple(
+        f'reference {i + 1}' for i in range(len(names), k)
+    )
+
+
 class SharePanel:
     """Each reference's share of the mix, with its 95 % band.
 
-    With two references that is the first one's share ``x``.  The panel
-    draws a list of series, so that K references can draw K of them.
+    With two references that is the first one's share ``x`` (the other's
+    is 1 − x); with more, one coloured line per reference, named after
+    its layer in the legend.
     """
 
     height = 2.2
@@ -171,32 +232,72 @@ class SharePanel:
 
     def series(self, line: Line, source: FitSource) -> list[tuple]:
         """Return ``(reference name, share, its error)`` of each share."""
-        return [(source.references[0], line.x, line.x_stderr)]
+        if line.n_references <= 2:
+            return [(source.references[0], line.x, line.x_stderr)]
+        names = _names(source, line.n_references)
+        return [
+            (names[k], line.fractions[:, k], line.fractions_stderr[:, k])
+            for k in range(line.n_references)
+        ]
+
+    @staticmethod
+    def color(k: int, n: int) -> str | None:
+        """Return the colour of share `k` of `n` (None: the theme's)."""
+        return None if n == 1 else SHARE_COLORS[k % len(SHARE_COLORS)]
 
     def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
         """Draw the shares, their bands and the outlier marks."""
         ends = []
-        for name, value, error in self.series(line, source):
-            ends += _band(ax, line, value, error, colors, f'share of {name}')
-        _mark_outliers(ax, line, self.series(line, source)[0][1], colors)
+        series = self.series(line, source)
+        for k, (name, value, error) in enumerate(series):
+            color = self.color(k, len(series))
+            ends += _band(
+                ax,
+                line,
+                value,
+                error,
+                colors,
+                f'share of {name}',
+                color=color,
+            )
+        for _, value, _ in series:
+            _mark_outliers(ax, line, value, colors)
         _set_ylim(ax, *ends)
-        names = ', '.join(_short(s[0]) for s in self.series(line, source))
-        ax.set_ylabel(f'share of\n{names}')
+        if len(series) == 1:
+            ax.set_ylabel(f'share of\n{_short(series[0][0])}')
+        else:
+            ax.set_ylabel('share')
 
     def legend(self, line: Line, source: FitSource, colors) -> list:
         """``(handle, label)`` pairs for the plot's legend row."""
-        name = self.series(line, source)[0][0]
+        series = self.series(line, source)
+        if len(series) == 1:
+            lines = [
+                (
+                    Line2D([], [], color=colors['text'], linewidth=1.0),
+                    f'x: share of "{_short(series[0][0], 24)}"',
+                )
+            ]
+            band = colors['current']
+            alpha = _BAND_ALPHA.get(colors['type'], 0.55)
+        else:
+            lines = [
+                (
+                    Line2D(
+                        [],
+                        [],
+                        color=self.color(k, len(series)),
+                        linewidth=1.5,
+                    ),
+                    _short(name, 20),
+                )
+                for k, (name, _, _) in enumerate(series)
+            ]
+            band, alpha = colors['secondary'], 0.6
         return [
+            *lines,
             (
-                Line2D([], [], color=colors['text'], linewidth=1.0),
-                f'x: share of "{_short(name, 24)}"',
-            ),
-            (
-                Patch(
-                    facecolor=colors['current'],
-                    alpha=_BAND_ALPHA.get(colors['type'], 0.55),
-                    linewidth=0,
-                ),
+                Patch(facecolor=band, alpha=alpha, linewidth=0),
                 '95 % interval',
             ),
             (

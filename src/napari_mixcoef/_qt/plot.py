@@ -159,7 +159,12 @@ class CoefficientPlot(StackedAxesWidget):
                 'image); there is nothing to plot against'
             )
         source = source or FitSource(
-            'stack', ('reference 1', 'reference 2'), None, ()
+            'stack',
+            tuple(
+                f'reference {i + 1}' for i in range(max(fit.n_references, 2))
+            ),
+            None,
+            (),
         )
         first = source.first_axis
         if first < 0:
@@ -279,7 +284,19 @@ class CoefficientPlot(StackedAxesWidget):
         where = f'({where})' if line.where else where
         d = _decimals(se)
         d2 = _decimals(1.0 - r2 if math.isfinite(r2) else math.nan)
-        text = f'slice {where}: x = {x:.{d}f} ± {se:.{d}f}, R² = {r2:.{d2}f}'
+        if line.n_references > 2:
+            shares = ', '.join(
+                f'{name} {line.fractions[i, k]:.{d}f} ± '
+                f'{line.fractions_stderr[i, k]:.{d}f}'
+                for k, name in enumerate(self._source.references)
+            )
+            text = f'slice {where}: {shares}, R² = {r2:.{d2}f}'
+        else:
+            text = (
+                f'slice {where}: x = {x:.{d}f} ± {se:.{d}f}, R² = {r2:.{d2}f}'
+            )
+        if line.at_bound[i]:
+            text += ' (a share held at its bound has no error)'
         if self._fit.model != 'mix':
             text += ''.join(
                 f', {name} = {line.coef[i, j]:.4g}'
