@@ -79,7 +79,9 @@ def _linear_errors(design, stats: SliceStats) -> dict[str, NDArray]:
     mix = model.name == 'mix'
     if mix:  # the fractions are the coefficients (and 1 − x for two)
         fractions = coef if big_k > 2 else np.empty((n_slices, big_k))
-        fractions_stderr = stderr if big_k > 2 else np.empty((n_slices, big_k))
+        fractions_stderr = (
+            stderr if big_k > 2 else np.empty((n_slices, big_k))
+        )
     else:
         part = lift[:big_k]  # a = β0[:K] + part z
         sums = part.sum(axis=0, keepdims=True)  # Σ_i a_i

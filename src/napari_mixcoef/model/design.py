@@ -395,7 +395,9 @@ def make_design(
     q, r = _orthonormalised(unit)
     kept = np.flatnonzero(np.diag(r) > 0)
     coords = _model_coordinates(model, r, scale)[kept]
-    cond = _check_conditioning(refs, model, r, coords, dtype, stacklevel + 1)
+    cond = _check_conditioning(
+        refs, model, r, coords, dtype, stacklevel + 1
+    )
     u, s = np.linalg.qr(coords)  # (kept, k) and (k, k)
     # a positive diagonal: q₁ points along the design's first column
     signs = np.where(np.diag(s) < 0, -1.0, 1.0)
