@@ -159,6 +159,7 @@ def test_the_list_orders_and_never_repeats(three):
 
 def test_constraint_on_the_three_states_sample(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
+    viewer.window.resize(1300, 1050)  # for the screenshot
     viewer.open_sample(PLUGIN, 'three_states')
     w = add_widget(viewer)
     states = [viewer.layers[f'state {k}'] for k in (1, 2, 3)]
@@ -178,7 +179,7 @@ def test_constraint_on_the_three_states_sample(make_napari_viewer, qtbot):
     assert plot.describe(int(np.argmax(fit.at_bound))).endswith(
         '(a share held at its bound has no error)'
     )
-    viewer.window.resize(1300, 900)
+    assert w.model.native.itemText(0).startswith('x1·A + x2·B + x3·C')
     qtbot.wait(300)
     save_shot(viewer, 'three_states_nonneg.png')
 

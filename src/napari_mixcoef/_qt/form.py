@@ -104,6 +104,7 @@ class FitForm(Container):
         self.stack.choices = self._stack_choices
         self.references.candidates = self._reference_candidates
         self.mask.choices = self._mask_choices
+        self.model.choices = self._model_choices
         self.not_offered.native.setWordWrap(True)
         self.not_offered.native.setStyleSheet(_MUTED)
         self.stack.changed.connect(self._on_stack_changed)
@@ -205,6 +206,10 @@ class FitForm(Container):
 
     def _label_models(self) -> None:
         """Write the model choices with as many references as there are."""
+        if self.model.native.itemText(0) != self._model_choices()[0][0]:
+            self.model.reset_choices()
+
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
         k = len(self.references.rows)
         if k == 2:
             labels = MODEL_LABELS
@@ -216,9 +221,7 @@ class FitForm(Container):
                 'scaled': f'{free}  (scaled)',
                 'offset': f'{free} + c  (offset)',
             }
-        native = self.model.native
-        for i in range(native.count()):
-            native.setItemText(i, labels[list(MODELS)[i]])
+        return [(labels[m], m) for m in MODELS]
 
     def _on_noise_changed(self, _value=None) -> None:
         poisson = self.noise.value == 'poisson'

@@ -46,8 +46,10 @@ SHARE_COLORS = (
     '#e377c2',
     '#bcbd22',
 )
-# a coloured band is drawn lighter than the theme's one-line band
-_SERIES_BAND_ALPHA = 0.3
+# a coloured band is drawn lighter than the theme's one-line band, with
+# a wider outline: a halo around its line however small the error
+_SERIES_BAND_ALPHA = 0.35
+_SERIES_BAND_EDGE = 4.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def _band(
         hi,
         facecolor=band,
         edgecolor=band,
-        linewidth=_BAND_EDGE,
+        linewidth=_SERIES_BAND_EDGE if color else _BAND_EDGE,
         alpha=(
             _SERIES_BAND_ALPHA
             if color
@@ -260,8 +262,8 @@ class SharePanel:
                 f'share of {name}',
                 color=color,
             )
-        for _, value, _ in series:
-            _mark_outliers(ax, line, value, colors)
+        # the rule is x's (the first share's): marked on its line
+        _mark_outliers(ax, line, series[0][1], colors)
         _set_ylim(ax, *ends)
         if len(series) == 1:
             ax.set_ylabel(f'share of\n{_short(series[0][0])}')

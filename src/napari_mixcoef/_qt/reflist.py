@@ -47,7 +47,10 @@ class _Row(Container):
         self.margins = (0, 0, 0, 0)
         for button in (self.up_button, self.remove_button):
             button.native.setFixedWidth(28)
-        self._letter.native.setFixedWidth(12)
+        height = self.combo_box.native.sizeHint().height()
+        self.native.setMinimumHeight(height)
+        metrics = self._letter.native.fontMetrics()
+        self._letter.native.setFixedWidth(metrics.horizontalAdvance('W') + 6)
         self.number(i)
         self.combo_box.choices = lambda _w=None: owner.choices_for(self)
         self.combo_box.changed.connect(lambda _v=None: owner.row_changed(self))
@@ -85,6 +88,12 @@ class ReferenceList(ValuedContainerWidget):
         super().__init__(labels=False, **kwargs)
         self.margins = (0, 0, 0, 0)
         self.candidates: Callable[[], list] = list
+        # a short dock squeezes the rows over each other otherwise
+        from qtpy.QtWidgets import QSizePolicy
+
+        self.native.setSizePolicy(
+            QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum
+        )
         self._quiet = False  # set while rows are being rearranged
         self._rows: list[_Row] = []
         self._add = PushButton(
@@ -94,6 +103,8 @@ class ReferenceList(ValuedContainerWidget):
             f'{MAX_REFERENCES}); the layers of the rows are each used once',
         )
         self._insert_widget(0, self._add)
+        # a crowded dock squeezes a button in a nested list: not this one
+        self._add.native.setMinimumHeight(self._add.native.sizeHint().height())
         self._add.changed.connect(lambda _v=None: self.add())
         for _ in range(MIN_REFERENCES):
             self._append_row()
