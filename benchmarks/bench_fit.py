@@ -969,6 +969,81 @@ def _profile(stack, ref1, ref2, floor, repeat):
     )
 
 
+def bench_k_profile(n: int, repeat: int) -> None:
+    """Where a default fit of K references spends its time, per layer.
+
+    The set-up (design, noise kernel, sandwich terms) runs once in the
+    calling thread before the blocks; the block work (sums, then each
+    slice's fit and meat) is timed over every block in this thread.
+    """
+    section(f'profile: (e) K references, float32 {n} slices, default errors')
+    rows = [row for k in (4, 8) for row in _k_profile_rows(n, k, repeat)]
+    print_table(('K', 'part', 'time', '/ floor'), rows)
+    print(f'floor: 2 BLAS threads; best of {repeat}, interleaved')
+
+
+def _k_profile_rows(n: int, k: int, repeat: int) -> list[tuple[str, ...]]:
+    from napari_mixcoef.backends import get_backend
+    from napari_mixcoef.engine.blocks import pixel_range, plan_blocks
+    from napari_mixcoef.engine.fit import noise_kernel, sandwich_rows
+    from napari_mixcoef.engine.local import IN_MEMORY_BLOCK_BYTES, Views
+    from napari_mixcoef.engine.threads import fit_settings
+    from napari_mixcoef.model.design import make_design
+    from napari_mixcoef.model.noise import NoiseSpec
+    from napari_mixcoef.model.references import checked_references
+    from napari_mixcoef.model.sums import SumsLayout
+
+    backend, spec = get_backend('numba'), NoiseSpec()
+    s32, _, refs = build_k(n, k)
+    checked = checked_references(refs)
+    design = make_design(checked, 'mix', s32.dtype)
+    rho = noise_kernel(s32, (n,), design, spec, backend, 'raise', [])
+    views = Views(design, terms=sandwich_rows(design, rho, backend))
+    groups = plan_blocks((n,), design.shape, 4, IN_MEMORY_BLOCK_BYTES)
+    blocks = [b for group in groups for b in group]
+    flat = s32.reshape(n, -1)
+
+    def blocks_loop(fit: bool) -> float:
+        with fit_settings():
+            t0 = time.perf_counter()
+            for b in blocks:
+                view = views(pixel_range(b, design.shape))
+                y = flat[b.start : b.stop]
+                if fit:
+                    backend.fit_block(y, view, spec, None)
+                else:
+                    backend.block_sums(y, view, SumsLayout(k).empty(len(y)))
+            return time.perf_counter() - t0
+
+    d = np.ones(flat.shape[1], np.float32)
+    funcs: dict[str, Callable[[], object]] = {
+        'floor': lambda: flat @ d,
+        'fit': lambda: fit_stack(s32, *refs),
+        'design': lambda: make_design(checked, 'mix', s32.dtype),
+        'kernel': lambda: noise_kernel(
+            s32, (n,), design, spec, backend, 'raise', []
+        ),
+        'terms': lambda: sandwich_rows(design, rho, backend),
+        'sums': lambda: blocks_loop(False),
+        'blocks': lambda: blocks_loop(True),
+    }
+    t = best_times(funcs, repeat, self_timed=frozenset({'sums', 'blocks'}))
+    t['ideal'] = t['design'] + t['kernel'] + t['terms'] + t['blocks'] / 2
+    names = (
+        ('fit_stack (2 threads)', 'fit'),
+        ('set-up: design', 'design'),
+        ('set-up: noise kernel', 'kernel'),
+        ('set-up: sandwich terms', 'terms'),
+        ('blocks: sums only, 1 thread', 'sums'),
+        ('blocks: sums + fit + meat, 1 thread', 'blocks'),
+        ('set-up + blocks / 2 (2 ideal threads)', 'ideal'),
+    )
+    return [
+        (str(k), name, fmt_time(t[key]), f'{t[key] / t["floor"]:.2f}x')
+        for name, key in names
+    ]
+
+
 CHUNK_SIZES = [1 << k for k in range(18, 23)]  # 256 KiB .. 4 MiB
 
 
@@ -1051,6 +1126,8 @@ def main(argv: list[str] | None = None) -> int:
         ):
             bench_profile(label, *args_, repeat)
             probe('after this profile')
+        bench_k_profile(n_big, repeat)
+        probe('after the K profile')
         section('fit_stack time / floor against chunk_bytes (default 1 MiB)')
         print_table(
             ('stack', *(f'{cb >> 10} KiB' for cb in CHUNK_SIZES)),

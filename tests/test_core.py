@@ -2,65 +2,12 @@
 
 import numpy as np
 import pytest
-import scipy.linalg
 from numpy.testing import assert_allclose, assert_array_equal
 
 from napari_mixcoef import MODELS, fit_stack, residuals
+from oracle import assert_matches, lstsq_two
 
 from conftest import make_refs, make_stack
-
-
-def lstsq_reference(stack, a, b, model, mask=None):
-    """Per-slice scipy.linalg.lstsq in float64 with textbook statistics."""
-    lead = stack.shape[: stack.ndim - a.ndim]
-    sel = np.ones(a.shape, bool) if mask is None else mask
-    av, bv = a[sel], b[sel]
-    columns = {
-        'mix': [av - bv],
-        'scaled': [av, bv],
-        'offset': [av, bv, np.ones_like(av)],
-    }[model]
-    design = np.stack(columns, axis=1)
-    n, k = design.shape
-    gram_inv = np.linalg.inv(design.T @ design)
-    out = {
-        name: [] for name in ('coef', 'stderr', 'x', 'x_stderr', 'r2', 'rmse')
-    }
-    for y in stack.reshape((-1, *a.shape)).astype(np.float64):
-        yv = y[sel]
-        target = yv - bv if model == 'mix' else yv
-        coef, *_ = scipy.linalg.lstsq(design, target)
-        resid = target - design @ coef
-        ssr = resid @ resid
-        cov = ssr / (n - k) * gram_inv
-        if model == 'mix':
-            x, x_var = coef[0], cov[0, 0]
-        else:
-            s = coef[0] + coef[1]
-            jac = np.zeros(k)
-            jac[0], jac[1] = coef[1] / s**2, -coef[0] / s**2
-            x, x_var = coef[0] / s, jac @ cov @ jac
-        out['coef'].append(coef)
-        out['stderr'].append(np.sqrt(np.diag(cov)))
-        out['x'].append(x)
-        out['x_stderr'].append(np.sqrt(x_var))
-        out['r2'].append(1 - ssr / ((yv - yv.mean()) ** 2).sum())
-        out['rmse'].append(np.sqrt(ssr / n))
-    return {
-        key: np.array(v).reshape(lead + np.shape(v[0]))
-        for key, v in out.items()
-    }
-
-
-def assert_fit_matches(fit, expected, rtol):
-    for key, value in expected.items():
-        # A coefficient near zero (the offset c) is judged in units of its
-        # standard error: rtol of a standard error is far below any noise.
-        atol = rtol * expected['stderr'] if key == 'coef' else 0
-        err = np.abs(getattr(fit, key) - value)
-        bound = atol + rtol * np.abs(value)
-        assert np.all(err <= bound), (key, np.max(err / bound))
-
 
 # float64 and 64-bit integers are fitted in float64; 16-bit integers and
 # float32 in float32 (exact for their values), hence the two tolerances.
@@ -88,8 +35,8 @@ def test_matches_per_slice_lstsq(model, dtype, rtol, use_mask):
     assert fit.model == model
     assert fit.names == MODELS[model]
     assert fit.n_pixels == (a.size if mask is None else mask.sum())
-    expected = lstsq_reference(stack, a, b, model, mask)
-    assert_fit_matches(fit, expected, rtol)
+    expected = lstsq_two(stack, a, b, model, mask)
+    assert_matches(fit, expected, rtol)
 
 
 @pytest.mark.parametrize('model', list(MODELS))
@@ -98,7 +45,7 @@ def test_two_leading_dims(model):
     fit = fit_stack(stack, a, b, model=model, stderr='ols')
     assert fit.x.shape == (6, 5)
     assert fit.coef.shape == (6, 5, len(MODELS[model]))
-    assert_fit_matches(fit, lstsq_reference(stack, a, b, model), 1e-8)
+    assert_matches(fit, lstsq_two(stack, a, b, model), 1e-8)
 
 
 def test_three_d_references_and_4d_stack():
@@ -110,13 +57,13 @@ def test_three_d_references_and_4d_stack():
     stack += rng.normal(0, 0.05, stack.shape)
     fit = fit_stack(stack, a, b, stderr='ols')
     assert fit.x.shape == (7,)
-    assert_fit_matches(fit, lstsq_reference(stack, a, b, 'mix'), 1e-8)
+    assert_matches(fit, lstsq_two(stack, a, b, 'mix'), 1e-8)
     # the same stack seen with 2-D references has 7×4 slices
     fit2d = fit_stack(stack, a[0], b[0])
     assert fit2d.x.shape == (7, 4)
     assert_allclose(
         fit2d.x[:, 0],
-        lstsq_reference(stack[:, 0], a[0], b[0], 'mix')['x'],
+        lstsq_two(stack[:, 0], a[0], b[0], 'mix')['x'],
         rtol=1e-8,
     )
 
@@ -172,7 +119,7 @@ def test_float16_and_uint8_inputs():
     for dtype in (np.float16, np.uint8):
         s = np.clip(scaled, 0, 255).astype(dtype)
         fit = fit_stack(s, a / 4, b / 4)
-        expected = lstsq_reference(s, a / 4, b / 4, 'mix')
+        expected = lstsq_two(s, a / 4, b / 4, 'mix')
         assert_allclose(fit.x, expected['x'], rtol=2e-5)
         assert_allclose(fit.rmse, expected['rmse'], rtol=2e-5)
 
@@ -219,7 +166,7 @@ def test_noise_free_stack_stays_accurate():
         assert np.all(fit.rmse >= 0)
         assert np.all(fit.rmse < atol)
         assert np.all(fit.r2 <= 1) and np.all(fit.r2 > 1 - 1e-9)
-        expected = lstsq_reference(stack.astype(dtype), a, b, 'offset')
+        expected = lstsq_two(stack.astype(dtype), a, b, 'offset')
         assert_allclose(fit.rmse, expected['rmse'], atol=atol)
 
 
@@ -366,9 +313,7 @@ def test_to_csv_writes_provenance_beside_it(tmp_path):
     import napari_mixcoef
 
     stack, a, b, _ = make_stack(lead=(6,))
-    fit = fit_stack(
-        stack, a, b, noise='poisson', gain=2.0, camera_offset=10.0
-    )
+    fit = fit_stack(stack, a, b, noise='poisson', gain=2.0, camera_offset=10.0)
     path = tmp_path / 'run.csv'
     outlier = np.zeros(6, bool)
     outlier[2] = True

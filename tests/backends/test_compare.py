@@ -162,9 +162,11 @@ def test_float32_sums_hold_float64_accuracy(backend):
     d = (a - b).reshape(-1)
     x = y @ d / (d @ d)
     rmse = np.sqrt(np.mean((y - x[:, None] * d) ** 2, axis=1))
-    atol = 1e-5 * np.median(fit.x_stderr)
+    # float32 partial sums over runs of 512 pixels: errors up to ~1e-5 of the
+    # stderr over seeds 0-7 (seed 0 the worst), 2e-5 leaves a margin
+    atol = 2e-5 * np.median(fit.x_stderr)
     if backend == 'numpy':  # float32 BLAS sums whole slices in float32
-        atol *= 10
+        atol *= 5
     assert_allclose(fit.x, x, rtol=0, atol=atol)
     assert_allclose(fit.rmse, rmse, rtol=5e-6 if backend != 'numpy' else 2e-5)
 

@@ -157,8 +157,7 @@ def sandwich_rows(design, rho: np.ndarray, backend=None) -> np.ndarray:
     columns = design.basis.astype(np.float64)
     correlate = None if backend is None else backend.correlate
     smooth = smoothed(columns.reshape((k, *design.shape)), rho, correlate)
-    terms = sandwich_terms(columns, smooth.reshape(k, -1))
-    return np.ascontiguousarray(terms.T).astype(design.dtype)
+    return sandwich_terms(columns, smooth.reshape(k, -1), design.dtype)
 
 
 def _detector_sample(stack, lead_shape, design) -> np.ndarray:

@@ -251,28 +251,38 @@ def numpy_correlate(images: NDArray, kernel: NDArray) -> NDArray:
     )
 
 
-def sandwich_terms(columns: NDArray, smooth: NDArray) -> NDArray[np.float64]:
+def sandwich_terms(
+    columns: NDArray, smooth: NDArray, dtype=np.float64
+) -> NDArray:
     """Per-pixel terms ``½(u_a ũ_b + u_b ũ_a)`` for ``a ≤ b``.
 
     Parameters
     ----------
     columns, smooth : (k, n) ndarray
         Design columns and their smoothed versions, flattened.
+    dtype : dtype
+        Of the result (the working dtype of the kernels that read it).
 
     Returns
     -------
-    (n, k(k+1)/2) ndarray of float64
-        Rows are pixels; ``Ω = Σ_p r_p² · terms[p]`` in the order of
-        :func:`pair_index`.
+    (k(k+1)/2, n) ndarray
+        One row per pair, in the order of :func:`pair_index`:
+        ``Ω = Σ_p r_p² · terms[:, p]``.
     """
-    pairs = pair_index(len(columns))
-    # rows of pairs, returned transposed: ``.T`` gives them back, no copy
-    out = np.empty((len(pairs), columns.shape[1]))
-    for row, (a, b) in zip(out, pairs, strict=True):
-        np.multiply(columns[a], smooth[b], out=row)
-        row += columns[b] * smooth[a]
-        row *= 0.5
-    return out.T
+    a, b = np.asarray(pair_index(len(columns))).reshape(-1, 2).T
+    out = np.empty((len(a), columns.shape[1]), dtype)
+    # a few thousand pixels at a time: the pairs' operands stay in cache
+    for p0 in range(0, columns.shape[1], _TERM_TILE):
+        c = columns[:, p0 : p0 + _TERM_TILE].astype(dtype, copy=False)
+        s = smooth[:, p0 : p0 + _TERM_TILE].astype(dtype, copy=False)
+        tile = out[:, p0 : p0 + _TERM_TILE]
+        np.multiply(c[a], s[b], out=tile)
+        tile += c[b] * s[a]
+        tile *= 0.5
+    return out
+
+
+_TERM_TILE = 4096
 
 
 def pair_index(k: int) -> list[tuple[int, int]]:

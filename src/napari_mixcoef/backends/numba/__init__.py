@@ -250,8 +250,7 @@ class NumbaBackend:
             np.ascontiguousarray(z, dtype=np.float64),
             squares,
         )
-        # np.dot (not @) releases the GIL: the chunk threads overlap
-        return np.dot(squares, terms.T).astype(np.float64)
+        return _dot_rows(squares, terms).astype(np.float64)
 
     def lag_products(self, buf, n, offsets) -> NDArray:
         """Sum the lags in one compiled call, nine offsets per load."""
@@ -293,7 +292,25 @@ class NumbaBackend:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
 
 
+def _dot_rows(a: NDArray, b: NDArray) -> NDArray:
+    """Return ``a @ b.T`` of (rows, n) and (P, n), a few rows per BLAS call.
+
+    OpenBLAS's small products are several times slower for some row
+    counts (benchmarks/README.md, "The meat of K references"); four rows
+    at a time stay near its best for every width.
+    ``np.dot`` (not ``@``) releases the GIL: the chunk threads overlap.
+    """
+    if len(b) <= 16:
+        return np.dot(a, b.T)
+    out = np.empty((len(a), len(b)), np.result_type(a, b))
+    for i in range(0, len(a), 4):
+        np.dot(a[i : i + 4], b.T, out=out[i : i + 4])
+    return out
+
+
 def _runs_of_true(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of consecutive True values."""
+    if not flags.any():  # the common case: no diff, no lists
+        return []
     edges = np.flatnonzero(np.diff(flags.astype(np.int8), prepend=0, append=0))
     return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
