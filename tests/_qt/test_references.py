@@ -204,3 +204,83 @@ def test_a_nan_pixel_is_left_out_and_counted(make_napari_viewer, qtbot):
     assert np.isfinite(fit.x).all()
     expected = fit_stack(stack, a, b, nan_policy='omit')
     assert_allclose(fit.x, expected.x, rtol=1e-12)
+
+
+def _registered(fit, failed=7):
+    """The fit with a made-up drift: a shift panel needs nothing else."""
+    import dataclasses
+
+    n = fit.x.size
+    t = np.linspace(0, 1, n)
+    shift = np.stack([2.5 * np.sin(3 * t), -1.5 * t], axis=-1)
+    stderr = np.full_like(shift, 0.02)
+    flags = np.zeros(n, bool)
+    flags[failed] = True
+    shift[failed] = stderr[failed] = np.nan
+    return dataclasses.replace(
+        fit,
+        register='translation',
+        shift=shift,
+        shift_stderr=stderr,
+        registration_failed=flags,
+    )
+
+
+def test_the_shift_panel_of_a_registered_fit(
+    make_napari_viewer, qtbot, tmp_path
+):
+    from napari_mixcoef._qt.plot import CoefficientPlot
+    from napari_mixcoef._qt.record import FitSource
+
+    viewer = make_napari_viewer()
+    stack, a, b, _ = make_mixture(n_slices=30, shape=(32, 32))
+    viewer.add_image(stack, name='drift')
+    fit = _registered(fit_stack(stack, a, b))
+    plot = CoefficientPlot(viewer)
+    viewer.window.add_dock_widget(plot, name='plot', area='bottom')
+    plot.set_fit(fit, FitSource('drift', ('A', 'B'), None, ()))
+    plot.canvas.draw()
+    ax = plot.axes('shift')
+    assert plot._ylabels[ax] == 'shift\n(px)'
+    # one line and band per axis, named as napari names an image's axes
+    assert_allclose(
+        plot.artist('shift', 'shift y').get_ydata(), fit.shift[:, 0]
+    )
+    assert_allclose(
+        plot.artist('shift', 'shift x').get_ydata(), fit.shift[:, 1]
+    )
+    plot.artist('shift', 'shift x band')
+    assert list(plot.artist('shift', 'registration failed').get_xdata()) == [7]
+    labels = [t.get_text() for t in ax.get_legend().texts]
+    assert labels == ['along y', 'along x', 'failed (1)']
+    # above R², linked to the slider like the other panels
+    names = list(plot._axes)
+    assert names.index('shift') == names.index('R²') - 1
+    assert len(plot.cursors) == len(plot.figure.axes)
+    viewer.dims.set_current_step(0, 12)
+    assert all(c.get_xdata()[0] == 12 for c in plot.cursors)
+    assert 'shift (y, x) = (' in plot.describe(3)
+    assert 'registration failed' in plot.describe(7)
+    columns = list(read_csv(plot.export_csv(tmp_path / 'reg'))[0])
+    assert columns[-5:] == [
+        'shift_0',
+        'shift_0_stderr',
+        'shift_1',
+        'shift_1_stderr',
+        'outlier',
+    ]
+
+
+def test_the_register_control(three):
+    import inspect
+
+    from napari_mixcoef import iter_fit
+
+    viewer, w, *_ = three
+    assert w.register.value is None and 'register' not in w.options()
+    assert 'translation' in w.register.tooltip
+    can = 'register' in inspect.signature(iter_fit).parameters
+    assert w.register.enabled is can
+    if can:
+        w.register.value = 'translation'
+        assert w.options()['register'] == 'translation'

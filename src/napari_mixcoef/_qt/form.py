@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label
 
-from napari_mixcoef import CONSTRAINTS, MODELS, NOISE_MODELS, STDERR_MODES
+from napari_mixcoef import (
+    CONSTRAINTS,
+    MODELS,
+    NOISE_MODELS,
+    STDERR_MODES,
+    iter_fit,
+)
 
 from .record import (
     BASIS_KEY,
@@ -105,6 +111,11 @@ class FitForm(Container):
         self.references.candidates = self._reference_candidates
         self.mask.choices = self._mask_choices
         self.model.choices = self._model_choices
+        if not _can_register():
+            self.register.enabled = False
+            self.register.tooltip += (
+                ' (this version of napari-mixcoef cannot register yet)'
+            )
         self.not_offered.native.setWordWrap(True)
         self.not_offered.native.setStyleSheet(_MUTED)
         self.stack.changed.connect(self._on_stack_changed)
@@ -244,6 +255,11 @@ class FitForm(Container):
             'read_noise': float(self.read_noise.value),
             'stderr': self.stderr.value,
             'constraint': self.constraint.value,
+            **(
+                {'register': self.register.value}
+                if self.register.value is not None
+                else {}
+            ),
             # a NaN pixel (a dead pixel, a stitched border) is left out of
             # its slice, not the end of the run; the status line counts them
             'nan_policy': 'omit',
@@ -272,6 +288,13 @@ class FitForm(Container):
                 f'{"" if have == 1 else "s"} open{fewer}'
             )
         return ''
+
+
+def _can_register() -> bool:
+    """Tell whether the installed core estimates translations."""
+    import inspect
+
+    return 'register' in inspect.signature(iter_fit).parameters
 
 
 def _widgets() -> list:
@@ -314,6 +337,16 @@ def _widgets() -> list:
             'also sum to 1; for scaled/offset each a ≥ 0, c free), exact per '
             'slice; a share held at 0 has no error bar',
             choices=[(CONSTRAINT_LABELS[c], c) for c in (None, *CONSTRAINTS)],
+            value=None,
+        ),
+        combo(
+            'register',
+            'register',
+            'none: the slices are taken as aligned with the references; '
+            "translation: estimate each slice's sub-pixel shift (drift) "
+            'together with its mix, with its error (the plot shows it); the '
+            'stack is not changed',
+            choices=[('none', None), ('translation', 'translation')],
             value=None,
         ),
         combo(

@@ -72,6 +72,10 @@ class Line:
         Each reference's share and its error.
     at_bound : (n,) ndarray of bool
         Where a constraint holds a share at its bound.
+    shift, shift_stderr : (n, ndim) ndarray of float64 or None
+        Each slice's translation and its error (registered fits).
+    registration_failed : (n,) ndarray of bool or None
+        Slices whose translation could not be estimated.
     """
 
     index: np.ndarray
@@ -86,6 +90,9 @@ class Line:
     fractions: np.ndarray
     fractions_stderr: np.ndarray
     at_bound: np.ndarray
+    shift: np.ndarray | None = None
+    shift_stderr: np.ndarray | None = None
+    registration_failed: np.ndarray | None = None
 
     @property
     def n_references(self) -> int:
@@ -113,7 +120,18 @@ class Line:
             if fit.at_bound is None
             else np.asarray(fit.at_bound[key], bool)
         )
+        registered = getattr(fit, 'shift', None) is not None
+        failed = getattr(fit, 'registration_failed', None)
         return cls(
+            shift=finite(fit.shift) if registered else None,
+            shift_stderr=finite(fit.shift_stderr) if registered else None,
+            registration_failed=(
+                None
+                if not registered
+                else np.zeros(x.shape, bool)
+                if failed is None
+                else np.asarray(failed[key], bool)
+            ),
             index=np.arange(x.size),
             where=tuple(where),
             x=x,
@@ -359,6 +377,90 @@ class CoefficientPanel:
             )
 
 
+class ShiftPanel:
+    """Each slice's translation along each reference axis, 95 % bands.
+
+    Shown for registered fits; slices whose registration failed are
+    marked with a cross on the zero line.
+    """
+
+    height = 1.2
+    name = 'shift'
+
+    def wanted(self, fit: MixFit, coefficients: bool) -> bool:
+        """Tell whether to show the panel: for registered fits."""
+        return getattr(fit, 'shift', None) is not None
+
+    @staticmethod
+    def axis_names(ndim: int) -> tuple[str, ...]:
+        """Name the reference axes as napari does for images (…, y, x)."""
+        names = ('z', 'y', 'x')
+        return names[-ndim:] if ndim <= 3 else tuple(map(str, range(ndim)))
+
+    def draw(self, ax: Axes, line: Line, source: FitSource, colors) -> None:
+        """Draw each axis' shift and band; mark the failed slices."""
+        ends, shown = [], []
+        names = self.axis_names(line.shift.shape[1])
+        for j, (name, style) in enumerate(zip(names, ('-', '--', ':'))):
+            value, error = line.shift[:, j], line.shift_stderr[:, j]
+            color = SHARE_COLORS[-(j + 1)] if len(names) > 1 else None
+            ends += _band(
+                ax,
+                line,
+                value,
+                error,
+                colors,
+                f'shift {name}',
+                style,
+                color=color,
+            )
+            shown.append(
+                (
+                    Line2D(
+                        [], [], color=color or colors['text'], linestyle=style
+                    ),
+                    f'along {name}',
+                )
+            )
+        failed = line.registration_failed
+        ax.plot(
+            line.index[failed],
+            np.zeros(int(failed.sum())),
+            linestyle='none',
+            marker='x',
+            markersize=6,
+            color=colors['error'],
+            zorder=3,
+            gid='registration failed',
+        )
+        if failed.any():
+            shown.append(
+                (
+                    Line2D(
+                        [],
+                        [],
+                        linestyle='none',
+                        marker='x',
+                        color=colors['error'],
+                    ),
+                    f'failed ({int(failed.sum())})',
+                )
+            )
+        _set_ylim(ax, 0.0, *ends)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
+        ax.set_ylabel('shift\n(px)')
+        ax.legend(
+            *zip(*shown),
+            loc='upper right',
+            fontsize=7,
+            ncol=len(shown),
+            frameon=False,
+            labelcolor=colors['text'],
+            handlelength=2.0,
+            borderaxespad=0.1,
+        )
+
+
 class R2Panel:
     """Each slice's R², with the outliers marked."""
 
@@ -418,5 +520,6 @@ def default_panels() -> list:
         SharePanel(),
         CoefficientPanel(('a', 'b'), 'a, b'),
         CoefficientPanel(('c',), 'c'),
+        ShiftPanel(),
         R2Panel(),
     ]

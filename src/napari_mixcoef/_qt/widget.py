@@ -71,6 +71,7 @@ class MixcoefWidget(Container):
     mask = _part('_form', 'mask')
     model = _part('_form', 'model')
     constraint = _part('_form', 'constraint')
+    register = _part('_form', 'register')
     noise = _part('_form', 'noise')
     gain = _part('_form', 'gain')
     camera_offset = _part('_form', 'camera_offset')
@@ -372,6 +373,17 @@ def _summary(fit: MixFit, references) -> str:
         )
     if np.isfinite(fit.r2).any():
         lines.append(f'median R² = {np.nanmedian(fit.r2):.4f}')
+    if getattr(fit, 'shift', None) is not None:
+        failed = int(np.count_nonzero(fit.registration_failed))
+        shift = np.abs(np.asarray(fit.shift, dtype=np.float64))
+        with np.errstate(all='ignore'):
+            largest = (
+                float(np.nanmax(shift)) if np.isfinite(shift).any() else 0
+            )
+        lines.append(
+            f'registered: shifts up to {largest:.2f} px; '
+            f'{slices_word(failed)} failed'
+        )
     omitted = omitted_summary(fit)
     if omitted:
         lines.append(omitted)
