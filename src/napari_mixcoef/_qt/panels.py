@@ -46,6 +46,8 @@ SHARE_COLORS = (
     '#e377c2',
     '#bcbd22',
 )
+# the shift's axes: apart from the shares' colours and the cursor's yellow
+_SHIFT_COLORS = ('#17becf', '#e377c2', '#9467bd')
 # a coloured band is drawn lighter than the theme's one-line band, with
 # a wider outline: a halo around its line however small the error
 _SERIES_BAND_ALPHA = 0.35
@@ -403,7 +405,7 @@ class ShiftPanel:
         names = self.axis_names(line.shift.shape[1])
         for j, (name, style) in enumerate(zip(names, ('-', '--', ':'))):
             value, error = line.shift[:, j], line.shift_stderr[:, j]
-            color = SHARE_COLORS[-(j + 1)] if len(names) > 1 else None
+            color = _SHIFT_COLORS[j] if len(names) > 1 else None
             ends += _band(
                 ax,
                 line,
@@ -449,15 +451,20 @@ class ShiftPanel:
         _set_ylim(ax, 0.0, *ends)
         ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
         ax.set_ylabel('shift\n(px)')
+        # framed: the lines pass under it, the names stay readable
         ax.legend(
             *zip(*shown),
             loc='upper right',
             fontsize=7,
             ncol=len(shown),
-            frameon=False,
+            frameon=True,
+            facecolor=colors['foreground'],
+            edgecolor=colors['secondary'],
+            framealpha=0.85,
             labelcolor=colors['text'],
             handlelength=2.0,
-            borderaxespad=0.1,
+            borderaxespad=0.2,
+            borderpad=0.2,
         )
 
 
