@@ -209,9 +209,8 @@ def make_batch(path, n=3):
 
 def test_batch_glob_one_csv_with_file_column(tmp_path, capsys):
     stacks, a, b = make_batch(tmp_path)
-    bad = stacks[0].astype(np.float32)
-    bad[4, 1, 1] = np.nan
-    np.save(tmp_path / 'run9.npy', bad)
+    # (a NaN pixel is left out, not a failure: the wrong shape is one)
+    np.save(tmp_path / 'run9.npy', stacks[0][:, :-1])
     (tmp_path / 'run8.npy').write_bytes(b'not an npy file')
     out = tmp_path / 'all.csv'
     code = main(
@@ -228,7 +227,7 @@ def test_batch_glob_one_csv_with_file_column(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert code == 1  # some failed
-    assert 'run9.npy' in err and 'NaN' in err
+    assert 'run9.npy' in err and 'shape' in err
     assert 'run8.npy' in err
     lines = out.read_text().splitlines()
     assert lines[0].startswith('file,index_0,x,x_stderr')
@@ -463,16 +462,153 @@ def test_a_glob_csv_is_the_single_csv_with_a_file_column(tmp_path):
     assert mine == [f'{tmp_path / "run1.npy"},{line}' for line in single[1:]]
 
 
-def test_a_nan_pixel_is_explained_in_the_clis_words(files, capsys):
-    path, stack, *_ = files
-    bad = stack.astype(np.float32)
-    bad[3, 2, 2] = np.nan
-    np.save(path / 'holes.npy', bad)
-    code = main(fit_args(path, stack='holes.npy', csv=path / 'o.csv'))
+def test_a_nan_reference_is_explained_in_the_clis_words(files, capsys):
+    path, *_ = files
+    a = np.load(path / 'a.npy').astype(np.float32)
+    a[2, 2] = np.nan
+    np.save(path / 'nan_a.npy', a)
+    args = fit_args(path, csv=path / 'o.csv')
+    args[args.index('--ref1') + 1] = str(path / 'nan_a.npy')
+    code = main(args)
     err = capsys.readouterr().err
     assert code == 2
     assert 'NaN' in err and '--mask' in err
     assert 'mask=' not in err and 'nan_to_num' not in err
+
+
+def test_nan_pixels_of_the_stack_are_left_out_and_counted(files, capsys):
+    path, stack, a, b, _ = files
+    bad = stack.astype(np.float32)
+    bad[3, 2, 2] = np.nan
+    bad[7, 0, :3] = np.nan
+    np.save(path / 'holes.npy', bad)
+    code = main(fit_args(path, stack='holes.npy', csv=path / 'o.csv'))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert '4 pixels in 2 slices left out (NaN or inf)' in out
+    expected = fit_stack(bad, a, b, nan_policy='omit')
+    assert_allclose(read_csv(path / 'o.csv')['x'], expected.x, rtol=1e-6)
+
+
+@pytest.fixture
+def three_files(tmp_path):
+    from napari_mixcoef.sample_data import make_three_states
+
+    stack, refs, _ = make_three_states(n_slices=30, shape=(32, 32))
+    np.save(tmp_path / 'stack.npy', stack)
+    for name, ref in zip('abc', refs):
+        np.save(tmp_path / f'{name}.npy', ref)
+    return tmp_path, stack, refs
+
+
+def _three_refs(path):
+    return [x for n in 'abc' for x in ('--ref', str(path / f'{n}.npy'))]
+
+
+def test_ref_three_times_and_the_constraint(three_files, capsys):
+    path, stack, refs = three_files
+    out = path / 'fit.csv'
+    code = main(
+        ['fit', str(path / 'stack.npy'), *_three_refs(path)]
+        + ['--constraint', 'nonneg', '--csv', str(out)]
+    )
+    line = capsys.readouterr().out
+    assert code == 0
+    expected = fit_stack(stack, *refs, constraint='nonneg')
+    n = int(expected.at_bound.sum())
+    assert n > 0
+    assert f'with 3 references, nonneg ({n} at a bound)' in line
+    assert 'median shares = ' in line
+    table = read_csv(out)
+    assert list(table) == [
+        'index_0',
+        'x1',
+        'x1_stderr',
+        'x2',
+        'x2_stderr',
+        'x3',
+        'x3_stderr',
+        'r2',
+        'rmse',
+        'at_bound',
+    ]
+    assert_allclose(table['x3'], expected.fractions[:, 2], rtol=1e-6)
+    assert table['at_bound'].sum() == n
+    import json
+
+    info = json.loads((path / 'fit.json').read_text())
+    assert info['references'] == [str(path / f'{n}.npy') for n in 'abc']
+    assert info['constraint'] == 'nonneg'
+    # unconstrained, with the residual of three references
+    res = path / 'res.npy'
+    code = main(
+        ['fit', str(path / 'stack.npy'), *_three_refs(path)]
+        + ['--csv', str(out), '--residual', str(res)]
+    )
+    assert code == 0
+    fit = fit_stack(stack, *refs)
+    assert_allclose(np.load(res)[4], np.asarray(fit.residuals(stack)[4]))
+    assert 'with 3 references, median shares' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [
+        (['--ref', 'a.npy', '--ref1', 'b.npy'], 'not both'),
+        (['--ref1', 'a.npy'], '--ref2 is missing'),
+        ([], 'no references'),
+        (['--ref', 'a.npy'], 'mix'),
+        (['--ref', 'a.npy', '--ref', 'b.npy', '--constraint', 'x'], None),
+    ],
+)
+def test_bad_references_say_how_to_give_them(
+    three_files, capsys, args, message
+):
+    path = three_files[0]
+    args = [a if not a.endswith('.npy') else str(path / a) for a in args]
+    cmd = ['fit', str(path / 'stack.npy'), '--csv', str(path / 'o.csv')]
+    if message is None:  # argparse refuses an unknown choice itself
+        with pytest.raises(SystemExit) as info:
+            main(cmd + args)
+        assert info.value.code == 2
+        assert 'nonneg' in capsys.readouterr().err
+        return
+    assert main(cmd + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1
+    assert not (path / 'o.csv').exists()
+
+
+def test_register_reaches_fit_stack(three_files, capsys, monkeypatch):
+    import inspect
+
+    import napari_mixcoef
+
+    path, stack, refs = three_files
+    real, seen = napari_mixcoef.fit_stack, []
+
+    def fit_stack(stack, *references, register=None, **options):
+        seen.append(register)
+        if 'register' in inspect.signature(real).parameters:
+            options['register'] = register
+        return real(stack, *references, **options)
+
+    monkeypatch.setattr(napari_mixcoef, 'fit_stack', fit_stack)
+    code = main(
+        ['fit', str(path / 'stack.npy'), *_three_refs(path)]
+        + ['--register', 'translation', '--csv', str(path / 'o.csv')]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert seen == ['translation']
+    monkeypatch.undo()
+    # without registration in the core: one clear line, nothing read
+    if 'register' not in inspect.signature(real).parameters:
+        code = main(
+            ['fit', str(path / 'stack.npy'), *_three_refs(path)]
+            + ['--register', 'translation', '--csv', str(path / 'p.csv')]
+        )
+        assert code == 2
+        assert '--register needs' in capsys.readouterr().err
 
 
 def _demo(tmp_path, *args, path=None):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from . import MODELS, NOISE_MODELS, STDERR_MODES
+from . import CONSTRAINTS, MODELS, NOISE_MODELS, STDERR_MODES
 from .io import SUFFIXES, check_output, describe_os_error, reword
 
 PROG = 'napari-mixcoef'
@@ -60,15 +60,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description='Per-slice mixing coefficients of an image stack '
-        'against two reference images.',
+        'against two or more reference images.',
     )
     sub = parser.add_subparsers(dest='command', required=True)
     fit = sub.add_parser(
         'fit',
         help='fit every slice of a stack and write a CSV',
-        description='Fit every slice of STACK as x·R1 + (1−x)·R2 (or a '
-        'free combination) and write one CSV row per slice. STACK, R1, R2 '
-        'and M are .npy, .tif/.tiff or .zarr files.',
+        description='Fit every slice of STACK as a mix of the references '
+        '(x·R1 + (1−x)·R2 for two; x1·R1 + … + xK·RK with Σx = 1 for K, or '
+        'a free combination) and write one CSV row per slice. Give the '
+        'references as --ref R1 --ref R2 [--ref R3 …] or as --ref1 R1 '
+        '--ref2 R2. STACK, the references and M are .npy, .tif/.tiff or '
+        '.zarr files. Non-finite pixels (NaN, inf) of a slice are left out '
+        'of its fit and counted.',
     )
     fit.add_argument(
         'stacks',
@@ -78,23 +82,46 @@ def _parser() -> argparse.ArgumentParser:
         'one CSV with a "file" column',
     )
     fit.add_argument(
+        '--ref',
+        action='append',
+        dest='refs',
+        metavar='R',
+        help='a reference image (the shape of one slice); repeat it for '
+        "each reference, in order (2 to any number; the first one's share "
+        'is x)',
+    )
+    fit.add_argument(
         '--ref1',
-        required=True,
         metavar='R1',
-        help='reference image A (the shape of one slice); x is its share',
+        help='reference image A (the shape of one slice); x is its share '
+        '(the same as the first --ref; not with --ref)',
     )
     fit.add_argument(
         '--ref2',
-        required=True,
         metavar='R2',
-        help='reference image B, the same shape as R1',
+        help='reference image B, the same shape as R1 (with --ref1)',
     )
     fit.add_argument(
         '--model',
         choices=list(MODELS),
         default='mix',
-        help='mix: x·R1 + (1−x)·R2 (default); scaled: a·R1 + b·R2; '
-        'offset: a·R1 + b·R2 + c',
+        help='mix: x·R1 + (1−x)·R2, or Σ xk·Rk with Σ xk = 1 (default); '
+        'scaled: a·R1 + b·R2 (Σ ak·Rk); offset: a·R1 + b·R2 + c',
+    )
+    fit.add_argument(
+        '--constraint',
+        choices=CONSTRAINTS,
+        help='nonneg: every share ≥ 0 (mix: non-negative and summing to 1; '
+        'scaled/offset: each a ≥ 0, c free), the exact constrained fit of '
+        'each slice; the CSV gets an at_bound column (default: '
+        'unconstrained)',
+    )
+    fit.add_argument(
+        '--register',
+        choices=('translation',),
+        help="translation: estimate each slice's sub-pixel shift together "
+        'with its mix (the stack is not changed); the CSV gets shift_0, '
+        'shift_1, … and their errors (default: no registration)',
     )
     fit.add_argument(
         '--mask', metavar='M', help='only nonzero pixels of M are fitted'
@@ -191,13 +218,14 @@ def _run_fit(args: argparse.Namespace) -> int:
     from . import io as _io
     from .core import write_csv
 
+    ref_files = _reference_files(args)
     files, batch = _expand(args.stacks)
     _check_outputs(args, batch)
-    ref1 = _io.read_image(args.ref1)
-    ref2 = _io.read_image(args.ref2)
+    options = _fit_options(args, fit_stack)
+    refs = [_io.read_image(path) for path in ref_files]
     mask = _io.read_image(args.mask) if args.mask else None
     names = {
-        'references': [args.ref1, args.ref2],
+        'references': ref_files,
         'mask': args.mask,
     }
     client = None
@@ -222,20 +250,14 @@ def _run_fit(args: argparse.Namespace) -> int:
                         stack = files_open.enter_context(_io.opened(path))
                     fit = fit_stack(
                         stack,
-                        ref1,
-                        ref2,
-                        model=args.model,
+                        *refs,
                         mask=mask,
                         progress=_ProgressBar(label),
-                        noise=args.noise,
-                        gain=args.gain,
-                        camera_offset=args.camera_offset,
-                        read_noise=args.read_noise,
-                        stderr=args.stderr,
+                        **options,
                     )
                     if args.residual:
                         _io.write_stack(
-                            residuals(stack, ref1, ref2, fit),
+                            residuals(stack, *refs, fit),
                             args.residual,
                             progress=_ProgressBar('residual'),
                         )
@@ -266,6 +288,56 @@ def _run_fit(args: argparse.Namespace) -> int:
             client.close()
     print(_summary(fits, failed, args))
     return 1 if failed else 0
+
+
+def _reference_files(args: argparse.Namespace) -> list[str]:
+    """Return the reference files in order (--ref, or --ref1/--ref2)."""
+    pair = [r for r in (args.ref1, args.ref2) if r is not None]
+    if args.refs and pair:
+        raise ValueError(
+            'give the references either as --ref R1 --ref R2 [--ref R3 …] '
+            'or as --ref1 R1 --ref2 R2, not both'
+        )
+    if args.refs:
+        return list(args.refs)
+    if len(pair) == 2:
+        return pair
+    if pair:
+        missing = '--ref2' if args.ref1 is not None else '--ref1'
+        raise ValueError(
+            f'{missing} is missing: give both --ref1 and --ref2 (or --ref '
+            'once for each reference)'
+        )
+    raise ValueError(
+        'no references: give --ref R1 --ref R2 [--ref R3 …] (or --ref1 R1 '
+        '--ref2 R2)'
+    )
+
+
+def _fit_options(args: argparse.Namespace, fit_stack) -> dict:
+    """Return the keyword arguments of fit_stack the options set."""
+    options = {
+        'model': args.model,
+        'noise': args.noise,
+        'gain': args.gain,
+        'camera_offset': args.camera_offset,
+        'read_noise': args.read_noise,
+        'stderr': args.stderr,
+        'constraint': args.constraint,
+        # a NaN pixel (dead, stitched border) is left out of its slice and
+        # counted in the summary, not the end of the run
+        'nan_policy': 'omit',
+    }
+    if args.register:
+        import inspect
+
+        if 'register' not in inspect.signature(fit_stack).parameters:
+            raise ValueError(
+                '--register needs a napari-mixcoef with registration; this '
+                'one has none yet'
+            )
+        options['register'] = args.register
+    return options
 
 
 def _same_columns(fits, fit) -> None:
@@ -312,11 +384,34 @@ def _summary(fits, failed: int, args: argparse.Namespace) -> str:
         if len(fits) == 1 and not failed
         else f'{n} slices in {len(fits)} files ({failed} failed)'
     )
-    median = (
-        f'median x = {np.nanmedian(x):.4f}'
-        if np.isfinite(x).any()
-        else 'no finite x'
-    )
+    first = fits[0][1]
+    k = first.n_references
+    how = f'{k} reference{"s" if k != 1 else ""}'
+    if first.constraint is not None:
+        bound = sum(int(np.count_nonzero(f.at_bound)) for _, f in fits)
+        how += f', {first.constraint} ({bound} at a bound)'
+    if getattr(first, 'register', None):
+        how += f', registered ({first.register})'
+    what += f' with {how}'
+    if not np.isfinite(x).any():
+        median = 'no finite x'
+    elif k <= 2:
+        median = f'median x = {np.nanmedian(x):.4f}'
+    else:
+        shares = np.concatenate(
+            [f.fractions.reshape(-1, k) for _, f in fits], axis=0
+        )
+        median = 'median shares = ' + '/'.join(
+            f'{m:.4f}' for m in np.nanmedian(shares, axis=0)
+        )
+    omitted = [f.n_omitted for _, f in fits if f.n_omitted is not None]
+    pixels = sum(int(o.sum()) for o in omitted)
+    if pixels:
+        slices = sum(int(np.count_nonzero(o)) for o in omitted)
+        median += (
+            f'; {pixels} pixel{"s" if pixels != 1 else ""} in {slices} '
+            f'slice{"s" if slices != 1 else ""} left out (NaN or inf)'
+        )
     # to_csv and write_csv put the provenance at the CSV's name, .json
     json = os.path.splitext(args.csv)[0] + '.json'
     wrote = f'wrote {args.csv} and {json}'

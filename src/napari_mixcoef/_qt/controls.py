@@ -29,7 +29,7 @@ def _wrapped(label: Label, lines: int) -> None:
 
 
 class Diagnostics(Container):
-    """How well two references can be told apart, and their basis."""
+    """How well the references can be told apart; two's avg/diff basis."""
 
     def __init__(self) -> None:
         super().__init__(
@@ -46,12 +46,15 @@ class Diagnostics(Container):
         self.diagnostics.native.setWordWrap(True)
         self._described: tuple | None = None
         self.diagnostics.tooltip = (
-            'How well the references can be told apart: the share of their '
-            'energy in A−B, and the error of x per unit σ of white noise '
-            'per pixel (in counts), before any fit'
+            'How well the references can be told apart, before any fit. '
+            'Two: the share of their energy in A−B, and the error of x per '
+            'unit σ of white noise per pixel (in counts). More: the '
+            'condition number of the design, the reference least unlike '
+            'the others (the share of its energy outside their span) and '
+            'the largest error of a share per unit σ'
         )
 
-    def update_for(self, references, mask=None) -> None:
+    def update_for(self, references, mask=None, *, names=None) -> None:
         """Describe in-memory references (and mask), or say nothing.
 
         Parameters
@@ -61,13 +64,17 @@ class Diagnostics(Container):
             in memory (lazy data is read by the fit, not here) clears the
             text.
         mask : array_like, optional
+        names : list of str, optional
+            The references' layer names, to say which is least distinct.
         """
         arrays = _in_memory(references)
-        self.show_basis.enabled = arrays is not None
+        names = list(names or [])
+        self.show_basis.enabled = arrays is not None and len(arrays) == 2
+        self.show_basis.visible = len(references) == 2
         mask = mask if isinstance(mask, np.ndarray) else None
         # napari asks for new choices on every layer event: say it again
         # only when the arrays change
-        key = None if arrays is None else (*arrays, mask)
+        key = None if arrays is None else (*arrays, mask, *names)
         if _same(key, self._described):
             return
         self._described = key
@@ -80,10 +87,7 @@ class Diagnostics(Container):
             self.diagnostics.value = str(err).splitlines()[0]
             _style(self.diagnostics, 'error')
             return
-        text = (
-            f'The references differ in {100 * d["diff_energy_fraction"]:.3g}'
-            f' % of their energy: x to ± {d["x_stderr_per_noise"]:.2g} σ'
-        )
+        text = _describe(d, names)
         if d['collinear']:
             text = (
                 'The references are collinear: x cannot be measured. ' + text
@@ -98,11 +102,32 @@ class Diagnostics(Container):
         _style(self.diagnostics, 'warning' if bad else '')
 
 
+def _describe(d: dict, names: list) -> str:
+    """Say in a line what :func:`reference_diagnostics` found."""
+    if d['n_references'] == 2:
+        return (
+            f'The references differ in '
+            f'{100 * d["diff_energy_fraction"]:.3g} % of their energy: x to '
+            f'± {d["x_stderr_per_noise"]:.2g} σ'
+        )
+    unique = np.asarray(d['unique_energy_fraction'])
+    k = int(np.argmin(unique))
+    name = names[k] if k < len(names) and names[k] else f'reference {k + 1}'
+    worst = float(np.max(d['fraction_stderr_per_noise']))
+    return (
+        f'condition number {d["condition_number"]:.3g}; least distinct: '
+        f'"{name}" ({100 * unique[k]:.3g} % of its energy outside the '
+        f"others' span); shares to ± {worst:.2g} σ"
+    )
+
+
 def _same(a: tuple | None, b: tuple | None) -> bool:
     """Tell whether two tuples hold the very same objects."""
     if a is None or b is None:
         return a is b
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        x is y or (isinstance(x, str) and x == y) for x, y in zip(a, b)
+    )
 
 
 def _in_memory(references) -> list | None:

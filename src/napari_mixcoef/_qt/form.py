@@ -1,10 +1,9 @@
 """The fit's form: the layer pickers and the options.
 
 The pickers offer only layers that can be used and say in a line under
-them which layers they leave out and why.  A layer cannot be both
-references: the second picker never offers the first one's layer.  The
-references are kept as an ordered list (:meth:`FitForm.references`) so
-that more than two can be offered later without touching the callers.
+them which layers they leave out and why.  The references are an
+ordered list of pickers (:mod:`.reflist`): two by default, up to eight,
+each layer at most once.
 """
 
 from __future__ import annotations
@@ -14,16 +13,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 from magicgui.widgets import ComboBox, Container, FloatSpinBox, Label
 
-from napari_mixcoef import MODELS, NOISE_MODELS, STDERR_MODES
+from napari_mixcoef import (
+    CONSTRAINTS,
+    MODELS,
+    NOISE_MODELS,
+    STDERR_MODES,
+    iter_fit,
+)
 
 from .record import (
     BASIS_KEY,
+    CONSTRAINT_LABELS,
     MODEL_LABELS,
     NOISE_LABELS,
     STDERR_LABELS,
     VIEW_LABELS,
     record_of,
 )
+from .reflist import ReferenceList, letter
 
 if TYPE_CHECKING:
     import napari
@@ -88,19 +95,44 @@ class FitForm(Container):
     """
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
-        super().__init__(widgets=_widgets())
+        widgets = _widgets()
+        widgets.insert(
+            1,
+            ReferenceList(
+                name='references',
+                label='references',
+                tooltip='The reference images, in order (A, B, …): each '
+                'slice is fitted as a mix of them; x is the share of A',
+            ),
+        )
+        super().__init__(widgets=widgets)
         self._viewer = viewer
         self.stack.choices = self._stack_choices
-        self.reference_1.choices = self._first_reference_choices
-        self.reference_2.choices = self._second_reference_choices
+        self.references.candidates = self._reference_candidates
         self.mask.choices = self._mask_choices
+        self.model.choices = self._model_choices
+        if not _can_register():
+            self.register.enabled = False
+            self.register.tooltip += (
+                ' (this version of napari-mixcoef cannot register yet)'
+            )
         self.not_offered.native.setWordWrap(True)
         self.not_offered.native.setStyleSheet(_MUTED)
         self.stack.changed.connect(self._on_stack_changed)
-        self.reference_1.changed.connect(self._on_reference_changed)
+        self.references.changed.connect(self._on_reference_changed)
         self.noise.changed.connect(self._on_noise_changed)
         self._on_noise_changed()
         self.reset_choices()
+
+    @property
+    def reference_1(self) -> ComboBox:
+        """The first reference's picker."""
+        return self.references.rows[0]
+
+    @property
+    def reference_2(self) -> ComboBox:
+        """The second reference's picker."""
+        return self.references.rows[1]
 
     # -- choices ------------------------------------------------------------
 
@@ -134,17 +166,6 @@ class FitForm(Container):
             and _why_not_reference(layer, slices) is None
         ]
 
-    def _first_reference_choices(self, _widget=None):
-        return [(layer.name, layer) for layer in self._reference_candidates()]
-
-    def _second_reference_choices(self, _widget=None):
-        first = self.reference_1.value
-        return [
-            (layer.name, layer)
-            for layer in self._reference_candidates()
-            if first is None or layer != first
-        ]
-
     def _mask_choices(self, _widget=None) -> list[tuple[str, object]]:
         ref = self.reference_1.value
         shape = None if ref is None else _plain_shape(ref)
@@ -155,7 +176,7 @@ class FitForm(Container):
             for layer in self._viewer.layers
             # the shape first: _is_binary reads the data
             if _plain_shape(layer) == shape
-            and layer not in self.references()
+            and layer not in self.reference_layers()
             and (
                 _is(layer, 'Labels')
                 or (_is_input(layer) and _is_binary(layer))
@@ -187,13 +208,31 @@ class FitForm(Container):
         self.not_offered.visible = bool(reasons)
 
     def _on_stack_changed(self, _value=None) -> None:
-        self.reference_1.reset_choices()
-        self.reference_2.reset_choices()
+        self.references.reset_choices()
         self._explain()
 
     def _on_reference_changed(self, _value=None) -> None:
-        self.reference_2.reset_choices()
         self.mask.reset_choices()
+        self._label_models()
+
+    def _label_models(self) -> None:
+        """Write the model choices with as many references as there are."""
+        if self.model.native.itemText(0) != self._model_choices()[0][0]:
+            self.model.reset_choices()
+
+    def _model_choices(self, _widget=None) -> list[tuple[str, str]]:
+        k = len(self.references.rows)
+        if k == 2:
+            labels = MODEL_LABELS
+        else:
+            terms = ' + '.join(f'x{i + 1}·{letter(i)}' for i in range(k))
+            free = ' + '.join(f'a{i + 1}·{letter(i)}' for i in range(k))
+            labels = {
+                'mix': f'{terms}  (mix, Σx = 1)',
+                'scaled': f'{free}  (scaled)',
+                'offset': f'{free} + c  (offset)',
+            }
+        return [(labels[m], m) for m in MODELS]
 
     def _on_noise_changed(self, _value=None) -> None:
         poisson = self.noise.value == 'poisson'
@@ -202,9 +241,9 @@ class FitForm(Container):
 
     # -- what the form says ---------------------------------------------------
 
-    def references(self) -> list:
+    def reference_layers(self) -> list:
         """Return the picked reference layers, in order (None if unpicked)."""
-        return [self.reference_1.value, self.reference_2.value]
+        return list(self.references.value)
 
     def options(self) -> dict:
         """Keyword arguments of :func:`napari_mixcoef.fit_stack`."""
@@ -215,6 +254,15 @@ class FitForm(Container):
             'camera_offset': float(self.camera_offset.value),
             'read_noise': float(self.read_noise.value),
             'stderr': self.stderr.value,
+            'constraint': self.constraint.value,
+            **(
+                {'register': self.register.value}
+                if self.register.value is not None
+                else {}
+            ),
+            # a NaN pixel (a dead pixel, a stitched border) is left out of
+            # its slice, not the end of the run; the status line counts them
+            'nan_policy': 'omit',
         }
 
     def problem(self) -> str:
@@ -224,14 +272,29 @@ class FitForm(Container):
                 'no stack: open an image stack with at least 3 dimensions '
                 '(or File ▸ Open Sample ▸ napari-mixcoef)'
             )
-        if None in self.references():
+        refs = self.reference_layers()
+        if None in refs:
             have = len(self._reference_candidates())
+            k = len(refs)
+            want = 'two' if k == 2 else str(k)
+            fewer = (
+                '; remove a row (×) to fit fewer'
+                if k > 2 and have >= 2
+                else ''
+            )
             return (
-                f"pick two reference layers whose shape is the stack's "
+                f"pick {want} reference layers whose shape is the stack's "
                 f'slices {self._slices()}: {have} such layer'
-                f'{"" if have == 1 else "s"} open'
+                f'{"" if have == 1 else "s"} open{fewer}'
             )
         return ''
+
+
+def _can_register() -> bool:
+    """Tell whether the installed core estimates translations."""
+    import inspect
+
+    return 'register' in inspect.signature(iter_fit).parameters
 
 
 def _widgets() -> list:
@@ -250,16 +313,6 @@ def _widgets() -> list:
             'The image stack to fit, slice by slice: any image layer with '
             'at least 3 dimensions',
         ),
-        combo(
-            'reference_1',
-            'reference 1',
-            'Reference image A, the shape of one slice; x is its share',
-        ),
-        combo(
-            'reference_2',
-            'reference 2',
-            'Reference image B, another layer of the same shape',
-        ),
         Label(name='not_offered', label=' ', value=''),
         combo(
             'mask',
@@ -275,6 +328,26 @@ def _widgets() -> list:
             'and a constant c',
             choices=[(MODEL_LABELS[m], m) for m in MODELS],
             value='mix',
+        ),
+        combo(
+            'constraint',
+            'constraint',
+            'none: shares may leave [0, 1] (a sign that a reference is '
+            'missing or wrong); non-negative: every share ≥ 0 (for mix they '
+            'also sum to 1; for scaled/offset each a ≥ 0, c free), exact per '
+            'slice; a share held at 0 has no error bar',
+            choices=[(CONSTRAINT_LABELS[c], c) for c in (None, *CONSTRAINTS)],
+            value=None,
+        ),
+        combo(
+            'register',
+            'register',
+            'none: the slices are taken as aligned with the references; '
+            "translation: estimate each slice's sub-pixel shift (drift) "
+            'together with its mix, with its error (the plot shows it); the '
+            'stack is not changed',
+            choices=[('none', None), ('translation', 'translation')],
+            value=None,
         ),
         combo(
             'noise',

@@ -16,7 +16,13 @@ import numpy as np
 from matplotlib.patches import Patch
 
 from .mplbase import StackedAxesWidget, with_suffix
-from .panels import OUTLIER_RULE, Line, default_panels, legend_row
+from .panels import (
+    OUTLIER_RULE,
+    Line,
+    ShiftPanel,
+    default_panels,
+    legend_row,
+)
 from .record import (
     RESIDUAL_COLORS,
     FitSource,
@@ -112,7 +118,7 @@ class CoefficientPlot(StackedAxesWidget):
         return np.zeros(0, bool) if self._line is None else self._line.outliers
 
     def axes(self, panel: str):
-        """Return the axes of a panel shown ("share", "a, b", "c", "R²")."""
+        """Return a panel's axes ("share", "a, b", "c", "shift", "R²")."""
         return self._axes[panel]
 
     def artist(self, panel: str, gid: str):
@@ -159,7 +165,12 @@ class CoefficientPlot(StackedAxesWidget):
                 'image); there is nothing to plot against'
             )
         source = source or FitSource(
-            'stack', ('reference 1', 'reference 2'), None, ()
+            'stack',
+            tuple(
+                f'reference {i + 1}' for i in range(max(fit.n_references, 2))
+            ),
+            None,
+            (),
         )
         first = source.first_axis
         if first < 0:
@@ -279,7 +290,29 @@ class CoefficientPlot(StackedAxesWidget):
         where = f'({where})' if line.where else where
         d = _decimals(se)
         d2 = _decimals(1.0 - r2 if math.isfinite(r2) else math.nan)
-        text = f'slice {where}: x = {x:.{d}f} ± {se:.{d}f}, R² = {r2:.{d2}f}'
+        if line.n_references > 2:
+            shares = ', '.join(
+                f'{name} {line.fractions[i, k]:.{d}f} ± '
+                f'{line.fractions_stderr[i, k]:.{d}f}'
+                for k, name in enumerate(self._source.references)
+            )
+            text = f'slice {where}: {shares}, R² = {r2:.{d2}f}'
+        else:
+            text = (
+                f'slice {where}: x = {x:.{d}f} ± {se:.{d}f}, R² = {r2:.{d2}f}'
+            )
+        if line.shift is not None:
+            if line.registration_failed[i]:
+                text += ', registration failed'
+            else:
+                names = ', '.join(ShiftPanel.axis_names(line.shift.shape[1]))
+                shifts = ', '.join(
+                    f'{v:.3f} ± {e:.3f}'
+                    for v, e in zip(line.shift[i], line.shift_stderr[i])
+                )
+                text += f', shift ({names}) = ({shifts}) px'
+        if line.at_bound[i]:
+            text += ' (a share held at its bound has no error)'
         if self._fit.model != 'mix':
             text += ''.join(
                 f', {name} = {line.coef[i, j]:.4g}'

@@ -14,6 +14,8 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from napari_mixcoef import MixFit
 
@@ -35,6 +37,10 @@ NOISE_LABELS = {
 STDERR_LABELS = {
     'auto': 'robust (unequal, correlated noise)',
     'ols': 'textbook OLS',
+}
+CONSTRAINT_LABELS = {
+    None: 'none',
+    'nonneg': 'non-negative (shares ≥ 0)',
 }
 #: How the residual is shown, for the form: (label, value) pairs.
 VIEW_LABELS = {
@@ -100,9 +106,11 @@ def make_record(fit: MixFit, source: FitSource) -> dict:
     -------
     dict
         ``x``, ``x_stderr``, ``r2``, ``rmse``, ``coef``, ``stderr``,
-        ``names``, ``model``, ``noise``, ``stderr_mode``, ``n_pixels``, the
-        layer names, and ``fit``, ``source`` and ``run`` (a counter that
-        tells the latest run).
+        ``names``, ``model``, ``noise``, ``stderr_mode``, ``n_pixels``,
+        ``fractions``, ``fractions_stderr``, ``references`` (the layer
+        names, in order), ``at_bound``, ``constraint``, ``n_omitted``, the
+        other layer names, and ``fit``, ``source`` and ``run`` (a counter
+        that tells the latest run).
     """
     record = {
         'x': fit.x,
@@ -116,6 +124,15 @@ def make_record(fit: MixFit, source: FitSource) -> dict:
         'noise': fit.noise,
         'stderr_mode': fit.stderr_mode,
         'n_pixels': fit.n_pixels,
+        'fractions': fit.fractions,
+        'fractions_stderr': fit.fractions_stderr,
+        'references': list(source.references),
+        'at_bound': fit.at_bound,
+        'constraint': fit.constraint,
+        'n_omitted': fit.n_omitted,
+        'shift': getattr(fit, 'shift', None),
+        'shift_stderr': getattr(fit, 'shift_stderr', None),
+        'registration_failed': getattr(fit, 'registration_failed', None),
         'stack': source.stack,
         'mask': source.mask,
         'fit': fit,
@@ -168,3 +185,42 @@ def describe_fit(fit: MixFit) -> str:
 def slices_word(n: int) -> str:
     """``1 slice``, ``200 slices``."""
     return f'{n} slice' if n == 1 else f'{n} slices'
+
+
+def plural(n: int, word: str) -> str:
+    """``1 pixel``, ``3 pixels``."""
+    return f'{n} {word}' if n == 1 else f'{n} {word}s'
+
+
+def bound_summary(fit: MixFit) -> str:
+    """Say how many slices a constraint holds, or have a share off [0, 1].
+
+    Returns
+    -------
+    str
+        ``"41 slices at a bound"`` for a constrained fit; else ``"3 slices
+        with a share outside [0, 1]"``, or ``""`` when there are none and
+        the fit has two references (whose one share says it already).
+    """
+    if fit.constraint is not None:
+        n = int(np.count_nonzero(fit.at_bound))
+        return f'{slices_word(n)} at a bound ({fit.constraint})'
+    shares = np.asarray(fit.fractions, dtype=np.float64)
+    off = (shares < 0) | (shares > 1)
+    n = int(np.count_nonzero(off.any(axis=-1)))
+    if n == 0 and fit.n_references <= 2:
+        return ''
+    return f'{slices_word(n)} with a share outside [0, 1]'
+
+
+def omitted_summary(fit: MixFit) -> str:
+    """``"3 pixels in 2 slices left out (NaN or inf)"``, or ``""``."""
+    omitted = fit.n_omitted
+    if omitted is None or not np.any(omitted):
+        return ''
+    pixels = int(np.sum(omitted))
+    slices = int(np.count_nonzero(omitted))
+    return (
+        f'{plural(pixels, "pixel")} in {slices_word(slices)} left out '
+        '(NaN or inf)'
+    )

@@ -20,7 +20,13 @@ from psygnal import Signal
 from .controls import Diagnostics, RunControls
 from .form import FitForm
 from .layers import show_basis, show_residual, show_view
-from .record import FitSource, make_record, slices_word
+from .record import (
+    FitSource,
+    bound_summary,
+    make_record,
+    omitted_summary,
+    slices_word,
+)
 from .worker import FitJob, start_fit
 
 if TYPE_CHECKING:
@@ -45,7 +51,7 @@ def _part(part: str, name: str) -> property:
 
 
 class MixcoefWidget(Container):
-    """Pick a stack and two references, fit every slice, show the result.
+    """Pick a stack and 2 to 8 references, fit every slice, show it all.
 
     Parameters
     ----------
@@ -58,11 +64,14 @@ class MixcoefWidget(Container):
     fit_finished = Signal(object)
 
     stack = _part('_form', 'stack')
+    references = _part('_form', 'references')
     reference_1 = _part('_form', 'reference_1')
     reference_2 = _part('_form', 'reference_2')
     not_offered = _part('_form', 'not_offered')
     mask = _part('_form', 'mask')
     model = _part('_form', 'model')
+    constraint = _part('_form', 'constraint')
+    register = _part('_form', 'register')
     noise = _part('_form', 'noise')
     gain = _part('_form', 'gain')
     camera_offset = _part('_form', 'camera_offset')
@@ -139,15 +148,23 @@ class MixcoefWidget(Container):
             self._stop(f'cancelled: layer "{layer.name}" was removed')
 
     def _update_diagnostics(self, _value=None) -> None:
-        refs = self._form.references()
+        refs = self._form.reference_layers()
         mask = self.mask.value
         self._diagnostics.update_for(
             [None if r is None else r.data for r in refs],
             None if mask is None else mask.data,
+            names=[None if r is None else r.name for r in refs],
         )
 
     def _on_show_basis(self, _value=None) -> None:
-        refs = self._form.references()
+        refs = self._form.reference_layers()
+        if len(refs) != 2:
+            self._controls.show_status(
+                'the avg/diff basis is of two references; remove the others '
+                'to see it',
+                tone='error',
+            )
+            return
         if None in refs or not all(
             isinstance(r.data, np.ndarray) for r in refs
         ):
@@ -169,7 +186,7 @@ class MixcoefWidget(Container):
             self._controls.show_status(problem, tone='error')
             return
         stack, mask = self.stack.value, self.mask.value
-        refs = self._form.references()
+        refs = self._form.reference_layers()
         self._inputs = (stack, *refs, mask)
         self._cancel_reason = ''
         self._answered = False  # by returned, errored or aborted
@@ -299,15 +316,7 @@ class MixcoefWidget(Container):
         plot.show_output(residual)
         if regrid and not docked:
             self._viewer.reset_view()  # a dock shown re-fits it itself
-        n = fit.x.size
-        text = (
-            f'{slices_word(n)} fitted\n'
-            f'median x = {np.nanmedian(fit.x):.4f} '
-            f'± {np.nanmedian(fit.x_stderr):.2g}\n'
-            f'median R² = {np.nanmedian(fit.r2):.4f}'
-            if np.isfinite(fit.x).any()
-            else f'{slices_word(n)} fitted; no slice has a finite x'
-        )
+        text = _summary(fit, self._inputs[1:-1])
         if self._warnings:
             text += '\nwarning: ' + '\nwarning: '.join(
                 dict.fromkeys(self._warnings)
@@ -333,6 +342,52 @@ class MixcoefWidget(Container):
         dock.show()  # closed with its hide button: back on every run
         dock.raise_()
         return plot, True
+
+
+def _summary(fit: MixFit, references) -> str:
+    """Return the status after a fit: slices, bounds, medians, omitted."""
+    n, k = fit.x.size, fit.n_references
+    first = f'{slices_word(n)} fitted'
+    if k > 2:
+        first += f' with {k} references'
+    bound = bound_summary(fit)
+    if bound:
+        first += f'; {bound}'
+    lines = [first]
+    if not np.isfinite(fit.x).any():
+        lines[0] += '; no slice has a finite x'
+    elif k == 2:
+        lines.append(
+            f'median x = {np.nanmedian(fit.x):.4f} '
+            f'± {np.nanmedian(fit.x_stderr):.2g}'
+        )
+    else:
+        shares = np.asarray(fit.fractions).reshape(-1, k)
+        with np.errstate(all='ignore'):
+            medians = np.nanmedian(shares, axis=0)
+        lines.append(
+            'median shares: '
+            + ', '.join(
+                f'{r.name} {m:.3f}' for r, m in zip(references, medians)
+            )
+        )
+    if np.isfinite(fit.r2).any():
+        lines.append(f'median R² = {np.nanmedian(fit.r2):.4f}')
+    if getattr(fit, 'shift', None) is not None:
+        failed = int(np.count_nonzero(fit.registration_failed))
+        shift = np.abs(np.asarray(fit.shift, dtype=np.float64))
+        with np.errstate(all='ignore'):
+            largest = (
+                float(np.nanmax(shift)) if np.isfinite(shift).any() else 0
+            )
+        lines.append(
+            f'registered: shifts up to {largest:.2f} px; '
+            f'{slices_word(failed)} failed'
+        )
+    omitted = omitted_summary(fit)
+    if omitted:
+        lines.append(omitted)
+    return '\n'.join(lines)
 
 
 def find_plot(viewer: napari.viewer.Viewer):
