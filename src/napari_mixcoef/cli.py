@@ -221,7 +221,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     ref_files = _reference_files(args)
     files, batch = _expand(args.stacks)
     _check_outputs(args, batch)
-    options = _fit_options(args, fit_stack)
+    options = _fit_options(args)
     refs = [_io.read_image(path) for path in ref_files]
     mask = _io.read_image(args.mask) if args.mask else None
     names = {
@@ -314,9 +314,9 @@ def _reference_files(args: argparse.Namespace) -> list[str]:
     )
 
 
-def _fit_options(args: argparse.Namespace, fit_stack) -> dict:
+def _fit_options(args: argparse.Namespace) -> dict:
     """Return the keyword arguments of fit_stack the options set."""
-    options = {
+    return {
         'model': args.model,
         'noise': args.noise,
         'gain': args.gain,
@@ -327,17 +327,8 @@ def _fit_options(args: argparse.Namespace, fit_stack) -> dict:
         # a NaN pixel (dead, stitched border) is left out of its slice and
         # counted in the summary, not the end of the run
         'nan_policy': 'omit',
+        'register': args.register,
     }
-    if args.register:
-        import inspect
-
-        if 'register' not in inspect.signature(fit_stack).parameters:
-            raise ValueError(
-                '--register needs a napari-mixcoef with registration; this '
-                'one has none yet'
-            )
-        options['register'] = args.register
-    return options
 
 
 def _same_columns(fits, fit) -> None:
@@ -390,7 +381,7 @@ def _summary(fits, failed: int, args: argparse.Namespace) -> str:
     if first.constraint is not None:
         bound = sum(int(np.count_nonzero(f.at_bound)) for _, f in fits)
         how += f', {first.constraint} ({bound} at a bound)'
-    if getattr(first, 'register', None):
+    if first.register:
         how += f', registered ({first.register})'
     what += f' with {how}'
     if not np.isfinite(x).any():

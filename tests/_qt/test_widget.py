@@ -11,7 +11,11 @@ from numpy.testing import assert_allclose
 
 from napari_mixcoef import fit_stack
 from napari_mixcoef._qt import worker
-from napari_mixcoef._qt.widget import PLOT_DOCK_NAME, find_plot
+from napari_mixcoef._qt.widget import (
+    _PROGRESS_EVERY,
+    PLOT_DOCK_NAME,
+    find_plot,
+)
 from napari_mixcoef.sample_data import make_mixture
 
 PLUGIN = 'napari-mixcoef'
@@ -33,7 +37,7 @@ def sample_viewer(make_napari_viewer):
 
 @pytest.fixture
 def big_viewer(make_napari_viewer, monkeypatch):
-    """A viewer with a 3000-slice stack whose fit pauses after one step.
+    """A viewer with a 3000-slice stack whose fit pauses once under way.
 
     The compiled kernels fit it in ~0.1 s: too fast to act mid-run without
     the pause.  The third value records each fit of that stack as it
@@ -49,7 +53,13 @@ def big_viewer(make_napari_viewer, monkeypatch):
         gen = steps(stack, *args, **kwargs)
         fits['started'].append(True)
         try:
-            yield next(gen)
+            step = next(gen)
+            while step[0] == 0:  # the set-up's (0, total)
+                yield step
+                step = next(gen)
+            # past the bar's step interval, so that the bar shows it
+            time.sleep(2 * _PROGRESS_EVERY)
+            yield step
             time.sleep(0.5)  # the test acts on the GUI thread meanwhile
             return (yield from gen)
         finally:

@@ -18,7 +18,6 @@ from napari_mixcoef import (
     MODELS,
     NOISE_MODELS,
     STDERR_MODES,
-    iter_fit,
 )
 
 from .record import (
@@ -111,11 +110,6 @@ class FitForm(Container):
         self.references.candidates = self._reference_candidates
         self.mask.choices = self._mask_choices
         self.model.choices = self._model_choices
-        if not _can_register():
-            self.register.enabled = False
-            self.register.tooltip += (
-                ' (this version of napari-mixcoef cannot register yet)'
-            )
         self.not_offered.native.setWordWrap(True)
         self.not_offered.native.setStyleSheet(_MUTED)
         self.stack.changed.connect(self._on_stack_changed)
@@ -255,11 +249,7 @@ class FitForm(Container):
             'read_noise': float(self.read_noise.value),
             'stderr': self.stderr.value,
             'constraint': self.constraint.value,
-            **(
-                {'register': self.register.value}
-                if self.register.value is not None
-                else {}
-            ),
+            'register': self.register.value,
             # a NaN pixel (a dead pixel, a stitched border) is left out of
             # its slice, not the end of the run; the status line counts them
             'nan_policy': 'omit',
@@ -288,13 +278,6 @@ class FitForm(Container):
                 f'{"" if have == 1 else "s"} open{fewer}'
             )
         return ''
-
-
-def _can_register() -> bool:
-    """Tell whether the installed core estimates translations."""
-    import inspect
-
-    return 'register' in inspect.signature(iter_fit).parameters
 
 
 def _widgets() -> list:

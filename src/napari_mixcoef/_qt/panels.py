@@ -122,8 +122,8 @@ class Line:
             if fit.at_bound is None
             else np.asarray(fit.at_bound[key], bool)
         )
-        registered = getattr(fit, 'shift', None) is not None
-        failed = getattr(fit, 'registration_failed', None)
+        registered = fit.shift is not None
+        failed = fit.registration_failed
         return cls(
             shift=finite(fit.shift) if registered else None,
             shift_stderr=finite(fit.shift_stderr) if registered else None,
@@ -391,7 +391,7 @@ class ShiftPanel:
 
     def wanted(self, fit: MixFit, coefficients: bool) -> bool:
         """Tell whether to show the panel: for registered fits."""
-        return getattr(fit, 'shift', None) is not None
+        return fit.shift is not None
 
     @staticmethod
     def axis_names(ndim: int) -> tuple[str, ...]:

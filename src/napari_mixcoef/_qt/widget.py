@@ -373,7 +373,7 @@ def _summary(fit: MixFit, references) -> str:
         )
     if np.isfinite(fit.r2).any():
         lines.append(f'median R² = {np.nanmedian(fit.r2):.4f}')
-    if getattr(fit, 'shift', None) is not None:
+    if fit.shift is not None:
         failed = int(np.count_nonzero(fit.registration_failed))
         shift = np.abs(np.asarray(fit.shift, dtype=np.float64))
         with np.errstate(all='ignore'):
