@@ -61,14 +61,32 @@ class Views:
         return view
 
 
-def _plan(stack, lead_shape, design, chunk_bytes, *, bands, in_place_bytes):
-    """Row groups of blocks; bigger ones for stacks read in place."""
-    if chunk_bytes is None:
-        in_place = flat_rows(stack, math.prod(lead_shape)) is not None
-        chunk_bytes = in_place_bytes if in_place else None
+def _walk(
+    stack,
+    lead_shape,
+    design,
+    chunk_bytes,
+    *,
+    bands: bool,
+    in_place_bytes: int,
+    per_block: Callable[[Block], Callable[[int, np.ndarray], None]],
+    done: Callable[[int, int], None],
+):
+    """Hand every block's stored rows to the backend on the chunk threads.
+
+    ``per_block(block)`` returns the call that takes the block's rows
+    ``(start, y)`` as stored (``start`` the first slice's flat index);
+    ``done(a, b)`` runs on each finished run of slices in the caller's
+    thread.  A generator of ``(done, total)``; stacks read in place get
+    bigger blocks (``in_place_bytes``) unless ``chunk_bytes`` is given.
+    """
     from .blocks import DEFAULT_CHUNK_BYTES
 
-    return plan_blocks(
+    n_slices = math.prod(lead_shape)
+    if chunk_bytes is None:
+        in_place = flat_rows(stack, n_slices) is not None
+        chunk_bytes = in_place_bytes if in_place else None
+    groups = plan_blocks(
         lead_shape,
         design.shape,
         design.dtype.itemsize,
@@ -76,6 +94,13 @@ def _plan(stack, lead_shape, design, chunk_bytes, *, bands, in_place_bytes):
         align=storage_chunk_length(stack),
         bands=bands,
     )
+
+    def work(block: Block) -> None:
+        take = per_block(block)
+        for r0, y in stored_rows(stack, lead_shape, block, 0):
+            take(block.start + r0, y)
+
+    yield from thread_run(groups, work, done, n_slices)
 
 
 def sums(
@@ -94,25 +119,23 @@ def sums(
     caller's thread and may raise), returns the :class:`SliceSums`.
     """
     design = views.design
-    n_slices = math.prod(lead_shape)
-    out = layout.empty(n_slices)
-    groups = _plan(
+    out = layout.empty(math.prod(lead_shape))
+
+    def per_block(block: Block):
+        view = views(pixel_range(block, design.shape))
+        return lambda start, y: backend.block_sums(
+            y, view, out.rows(start, start + len(y))
+        )
+
+    yield from _walk(
         stack,
         lead_shape,
         design,
         chunk_bytes,
         bands=True,
         in_place_bytes=IN_MEMORY_BLOCK_BYTES,
-    )
-
-    def work(block: Block) -> None:
-        view = views(pixel_range(block, design.shape))
-        for r0, y in stored_rows(stack, lead_shape, block, 0):
-            start = block.start + r0
-            backend.block_sums(y, view, out.rows(start, start + len(y)))
-
-    yield from thread_run(
-        groups, work, lambda a, b: check(out, a, b), n_slices
+        per_block=per_block,
+        done=lambda a, b: check(out, a, b),
     )
     return out
 
@@ -133,27 +156,22 @@ def fits(
     A generator like :func:`sums`; returns the ``(n, layout.width)`` rows
     of :class:`~napari_mixcoef.model.sums.FitLayout`.
     """
-    design = views.design
-    n_slices = math.prod(lead_shape)
-    out = np.empty((n_slices, layout.width))
-    groups = _plan(
+    out = np.empty((math.prod(lead_shape), layout.width))
+    view = views(slice(None))
+
+    def take(start: int, y: np.ndarray) -> None:
+        fit = backend.fit_block(y, view, spec, constraint)
+        out[start : start + len(y)] = layout.pack(fit)
+
+    yield from _walk(
         stack,
         lead_shape,
-        design,
+        views.design,
         chunk_bytes,
         bands=False,
         in_place_bytes=TWO_PASS_BLOCK_BYTES,
-    )
-    view = views(slice(None))
-
-    def work(block: Block) -> None:
-        for r0, y in stored_rows(stack, lead_shape, block, 0):
-            start = block.start + r0
-            fit = backend.fit_block(y, view, spec, constraint)
-            out[start : start + len(y)] = layout.pack(fit)
-
-    yield from thread_run(
-        groups, work, lambda a, b: check(out, a, b), n_slices
+        per_block=lambda block: take,
+        done=lambda a, b: check(out, a, b),
     )
     return out
 
@@ -173,24 +191,20 @@ def pixels(
     :class:`~napari_mixcoef.model.pixelwise.PixelOutputs`, every row
     written by the backend's ``fit_pixels``.
     """
-    n_slices = math.prod(lead_shape)
-    out = PixelOutputs.empty(n_slices, maps)
-    groups = _plan(
+    out = PixelOutputs.empty(math.prod(lead_shape), maps)
+
+    def take(start: int, y: np.ndarray) -> None:
+        backend.fit_pixels(y, maps, out.rows(start, start + len(y)))
+
+    yield from _walk(
         stack,
         lead_shape,
         design,
         chunk_bytes,
         bands=False,
         in_place_bytes=PIXEL_BLOCK_BYTES,
-    )
-
-    def work(block: Block) -> None:
-        for r0, y in stored_rows(stack, lead_shape, block, 0):
-            start = block.start + r0
-            backend.fit_pixels(y, maps, out.rows(start, start + len(y)))
-
-    yield from thread_run(
-        groups, work, lambda a, b: check(out, a, b), n_slices
+        per_block=lambda block: take,
+        done=lambda a, b: check(out, a, b),
     )
     return out
 
