@@ -230,7 +230,11 @@ def _mixture_layers(stack, ref1, ref2, name: str) -> list[tuple]:
         ),
         (
             stack,
-            {'name': name, 'contrast_limits': limits, 'metadata': {}},
+            {
+                'name': name,
+                'contrast_limits': limits,
+                'metadata': {'references': ['reference 1', 'reference 2']},
+            },
             'image',
         ),
     ]
@@ -361,7 +365,11 @@ def sample_three_states() -> list[tuple]:
             {
                 'name': 'three states stack',
                 'contrast_limits': limits,
-                'metadata': {'truth_fractions': truth},
+                'metadata': {
+                    'truth_fractions': truth,
+                    # the widget picks these when the stack is picked
+                    'references': [f'state {i + 1}' for i in range(3)],
+                },
             },
             'image',
         )

@@ -157,6 +157,28 @@ def test_the_list_orders_and_never_repeats(three):
     assert 'pick 8 reference layers' in w.status.value
 
 
+@pytest.mark.parametrize('widget_first', [False, True])
+def test_a_sample_stack_picks_its_own_references(
+    make_napari_viewer, widget_first
+):
+    viewer = make_napari_viewer()
+    if widget_first:
+        w = add_widget(viewer)
+    viewer.open_sample(PLUGIN, 'three_states')
+    if not widget_first:
+        w = add_widget(viewer)
+    states = [viewer.layers[f'state {k}'] for k in (1, 2, 3)]
+    assert w.stack.value is viewer.layers['three states stack']
+    assert w.references.value == states
+    # a stack that names no references leaves the user's picks alone
+    w.references.value = states[1::-1]
+    viewer.add_image(
+        np.zeros((4, *states[0].data.shape), np.float32), name='other'
+    )
+    w.stack.value = viewer.layers['other']
+    assert w.references.value == states[1::-1]
+
+
 def test_constraint_on_the_three_states_sample(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.window.resize(1300, 1050)  # for the screenshot

@@ -117,6 +117,7 @@ class FitForm(Container):
         self.noise.changed.connect(self._on_noise_changed)
         self._on_noise_changed()
         self.reset_choices()
+        self._pick_named_references()  # a stack picked before the connect
 
     @property
     def reference_1(self) -> ComboBox:
@@ -203,7 +204,28 @@ class FitForm(Container):
 
     def _on_stack_changed(self, _value=None) -> None:
         self.references.reset_choices()
+        self._pick_named_references()
         self._explain()
+
+    def _pick_named_references(self) -> None:
+        """Pick the references a stack names (``metadata["references"]``).
+
+        The samples name theirs, so that the three-state sample opens
+        with its three; names of layers that are not open, or not
+        offered, leave the pickers as they are.
+        """
+        stack = self.stack.value
+        names = getattr(stack, 'metadata', {}).get('references')
+        if not isinstance(names, (list, tuple)):
+            return
+        offered = {layer.name: layer for layer in self._reference_candidates()}
+        layers = [offered.get(name) for name in names]
+        if None in layers or len(set(names)) != len(names):
+            return
+        try:
+            self.references.value = layers
+        except ValueError:  # too few or too many to pick
+            return
 
     def _on_reference_changed(self, _value=None) -> None:
         self.mask.reset_choices()
