@@ -90,7 +90,13 @@ class MixcoefWidget(Container):
         # the parts first, set private attributes only after __init__
         form = FitForm(napari_viewer)
         parts = [form, Diagnostics(), RunControls()]
-        super().__init__(widgets=parts, labels=False)
+        inner = Container(widgets=parts, labels=False)
+        super().__init__(labels=False)
+        self.margins = (0, 0, 0, 0)
+        # a short dock (the plot docked below, a long status) scrolls the
+        # parts instead of squeezing them (the reference rows overlapped)
+        self.native.layout().addWidget(_scrolling(inner.native))
+        self._parts = inner
         self._form, self._diagnostics, self._controls = parts
         self._viewer = napari_viewer
         self._worker = None
@@ -131,7 +137,7 @@ class MixcoefWidget(Container):
 
     def reset_choices(self, *_args) -> None:
         """Refresh every layer picker (napari calls it as layers change)."""
-        super().reset_choices()
+        self._parts.reset_choices()
         self._update_diagnostics()
 
     def _on_inputs_changed(self, _value=None) -> None:
@@ -388,6 +394,33 @@ def _summary(fit: MixFit, references) -> str:
     if omitted:
         lines.append(omitted)
     return '\n'.join(lines)
+
+
+def _scrolling(inner):
+    """Return a vertical scroll area around `inner`, as wide as it needs."""
+    from qtpy.QtCore import QEvent, QObject, Qt
+    from qtpy.QtWidgets import QFrame, QScrollArea
+
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.Shape.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    scroll.setWidget(inner)
+
+    def fit() -> None:
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        scroll.setMinimumWidth(inner.minimumSizeHint().width() + bar)
+
+    class _OnLayout(QObject):
+        # the pickers' choices and the status arrive after the parts
+        def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+            if event.type() == QEvent.Type.LayoutRequest:
+                fit()
+            return False
+
+    inner.installEventFilter(_OnLayout(scroll))
+    fit()
+    return scroll
 
 
 def find_plot(viewer: napari.viewer.Viewer):
