@@ -179,6 +179,25 @@ def test_a_sample_stack_picks_its_own_references(
     assert w.references.value == states[1::-1]
 
 
+def test_a_short_dock_scrolls_and_shows_the_result(make_napari_viewer, qtbot):
+    # the plot docked below leaves the form less than its height: the
+    # rows must keep their size (no picker over another) and the status
+    # must be scrolled into view once the fit is done
+    viewer = make_napari_viewer(show=True)  # laid out as a person sees it
+    viewer.window.resize(1200, 640)
+    viewer.open_sample(PLUGIN, 'three_states')
+    w = add_widget(viewer)
+    run_and_wait(qtbot, w)
+    qtbot.wait(200)
+    rows = [row.native for row in w.references._rows]
+    tops = [row.mapTo(w.native, row.rect().topLeft()).y() for row in rows]
+    for row, top, below in zip(rows, tops, tops[1:]):
+        assert row.height() >= row.sizeHint().height()
+        assert top + row.height() <= below
+    assert w._scroll.verticalScrollBar().maximum() > 0  # it is short
+    assert not w.status.native.visibleRegion().isEmpty()
+
+
 def test_constraint_on_the_three_states_sample(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     viewer.window.resize(1300, 1050)  # for the screenshot

@@ -95,7 +95,8 @@ class MixcoefWidget(Container):
         self.margins = (0, 0, 0, 0)
         # a short dock (the plot docked below, a long status) scrolls the
         # parts instead of squeezing them (the reference rows overlapped)
-        self.native.layout().addWidget(_scrolling(inner.native))
+        self._scroll = _scrolling(inner.native)
+        self.native.layout().addWidget(self._scroll)
         self._parts = inner
         self._form, self._diagnostics, self._controls = parts
         self._viewer = napari_viewer
@@ -330,7 +331,15 @@ class MixcoefWidget(Container):
         self._controls.show_status(
             text, tone='warning' if self._warnings else ''
         )
+        self._show_status_line()
         self.fit_finished.emit(fit)
+
+    def _show_status_line(self) -> None:
+        """Scroll a short dock to the result, once the status is laid out."""
+        from qtpy.QtCore import QTimer
+
+        status = self.status.native
+        QTimer.singleShot(0, lambda: self._scroll.ensureWidgetVisible(status))
 
     def _plot(self):
         """Return the plot and whether its dock was just shown (or made)."""
