@@ -29,7 +29,6 @@ of the unregistered slice over the same pixels.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from .engine.threads import thread_run
 from .model import shifts as sm
 from .model.design import meat_sample
 from .model.references import References
+from .model.windows import WindowTables, base_of, window_runs
 
 __all__ = [
     'REGISTRATIONS',
@@ -232,7 +232,7 @@ class _Coarse:
 
 
 def register_stack(
-    stack, lead_shape, refs: References, model, limit: float, dtype
+    stack, lead_shape, refs: References, model, limit: float, dtype, backend
 ) -> Generator[tuple[int, int], None, Registration]:
     """Estimate every slice's shift; yield ``(0, n)`` per block.
 
@@ -250,6 +250,8 @@ def register_stack(
         The largest shift (pixels) along any axis.
     dtype : dtype
         Working float type of the products (the engine's).
+    backend : Backend
+        Whose ``window_products`` reads the stack in the joint passes.
 
     Returns
     -------
@@ -282,7 +284,15 @@ def register_stack(
     fit = None
     for _ in range(PASSES):
         fit = yield from _joint_pass(
-            stack, lead_shape, shape, blocks, designs, model, shift, dtype
+            stack,
+            lead_shape,
+            shape,
+            blocks,
+            designs,
+            model,
+            shift,
+            dtype,
+            backend,
         )
         shift = fit['shift']
     failed = ~np.isfinite(shift).all(axis=1)
@@ -346,38 +356,45 @@ def _placed(shift, box, shape):
 
 
 def _joint_pass(
-    stack, lead_shape, shape, blocks, designs, model, shift, dtype
+    stack, lead_shape, shape, blocks, designs, model, shift, dtype, backend
 ):
     """One pass: every slice's joint fit in the bin of its current shift.
 
-    The pass only gathers each slice's products with its bin's columns;
-    the Gauss–Newton iterations then run on all slices' sums at once.
+    The pass only gathers each slice's products with its bin's columns
+    (the backend's ``window_products``, every bin in one call); the
+    Gauss–Newton iterations then run on all slices' sums at once.
     """
     n_slices = len(shift)
     offset, key, delta0 = _placed(shift, designs.box, shape)
-    width = designs.width
-    b = np.zeros((n_slices, width))
+    values, which = np.unique(key, axis=0, return_inverse=True)
+    which = which.reshape(-1).astype(np.int64)
+    keys = [tuple(int(v) for v in value) for value in values]
+    used = [designs.get(k) for k in keys]
+    tables = WindowTables.of(used, keys, designs.k, dtype)
+    runs = window_runs(designs.box, shape, designs.fitted)
+    base = base_of(offset, shape)
+    b = np.zeros((n_slices, designs.width))
     yy = np.zeros(n_slices)
-    which = np.zeros(n_slices, np.intp)
-    seen: dict[tuple[int, ...], int] = {}
-    lock = threading.Lock()
 
     def work(block) -> None:
         for start, y in _read(stack, lead_shape, shape, block):
             rows = slice(start, start + len(y))
-            for off, bin_key, pick in _groups(offset[rows], key[rows]):
-                design = designs.get(bin_key)
-                with lock:
-                    index = seen.setdefault(bin_key, len(seen))
-                at = np.arange(start, start + len(y))[pick]
-                with np.errstate(invalid='ignore', over='ignore'):
-                    b[at], yy[at] = design.products(
-                        _window_of(y[pick], designs.box, off), dtype
-                    )
-                which[at] = index
+            with np.errstate(invalid='ignore', over='ignore'):
+                backend.window_products(
+                    y.reshape(len(y), -1),
+                    base[rows],
+                    which[rows],
+                    runs,
+                    tables.centre,
+                    tables.columns,
+                    b[rows],
+                    yy[rows],
+                )
 
     yield from _on_threads(blocks, work, n_slices)
-    grams = np.stack([designs.get(k).gram for k in seen])
+    with np.errstate(invalid='ignore', over='ignore'):
+        tables.finish(which, b, yy)
+    grams = np.stack([d.gram for d in used])
     out = {'offset': offset, 'key': key}
     out.update(_fit_sums(b, yy, grams, which, model, delta0, designs))
     out['shift'] = offset + key / sm.BINS + out['delta']

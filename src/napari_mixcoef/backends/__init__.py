@@ -20,6 +20,9 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
     the lag sums of :func:`~..model.spatial.noise_correlation`;
 ``correlate(images, kernel)``
     the images of :func:`~..model.spatial.smoothed` (the sandwich terms);
+``window_products(y, base, which, runs, centre, columns, b, yy)``
+    the registration's products of slices read over a moved box
+    (:mod:`~..model.windows`);
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -72,6 +75,11 @@ class Backend(Protocol):
 
     def correlate(self, images: NDArray, kernel: NDArray) -> NDArray:
         """Each image correlated with the kernel, zero outside it."""
+
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Add each slice's products over its moved box into ``b``, ``yy``."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from numpy.typing import NDArray
 
-from ..model import noise, pixelwise, spatial
+from ..model import noise, pixelwise, spatial, windows
 
 __all__ = ['NumpyBackend', 'centred']
 
@@ -115,6 +115,14 @@ class NumpyBackend:
     def correlate(self, images, kernel) -> NDArray:
         """``scipy.ndimage.correlate``, image by image."""
         return spatial.numpy_correlate(images, kernel)
+
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Gather each bin's rows and multiply (:mod:`.model.windows`)."""
+        windows.numpy_window_products(
+            y, base, which, runs, centre, columns, b, yy
+        )
 
     def warm_up(self) -> None:
         """Nothing to prepare."""

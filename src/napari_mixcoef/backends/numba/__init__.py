@@ -48,7 +48,7 @@ DTYPES = frozenset(
 def make_backend():
     """Return the numba backend, or None when numba is not installed."""
     try:
-        from . import irls, kernels, pixels, tiny  # noqa: F401 - imports numba
+        from . import irls, kernels, pixels, tiny, windows  # noqa: F401
     except ImportError:
         return None
     return NumbaBackend()
@@ -60,9 +60,10 @@ class NumbaBackend:
     name = 'numba'
 
     def __init__(self) -> None:
-        from . import irls, kernels, pixels, tiny
+        from . import irls, kernels, pixels, tiny, windows
 
         self._kernels = kernels
+        self._windows = windows
         self._pixels = pixels
         self._irls = irls
         self._tiny = tiny
@@ -313,6 +314,14 @@ class NumbaBackend:
             np.ascontiguousarray(images), np.ascontiguousarray(kernel), out
         )
         return out
+
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Each slice's products over its moved box, one compiled pass."""
+        self._windows.window_products(
+            y, base, which, runs, centre, columns, b, yy
+        )
 
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""

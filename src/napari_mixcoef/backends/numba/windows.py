@@ -1,0 +1,56 @@
+"""Compiled products of slices read over a moved box (imports numba).
+
+The registration's joint pass (:mod:`napari_mixcoef.model.windows`):
+each slice is read run by run at its flat offset, cast and centred on its
+bin's centre into a short buffer, and the buffer's products with each of
+the bin's columns summed, in the working dtype over one run, then into
+float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import jit
+
+
+@jit
+def window_products(
+    y, base, which, runs, centre, columns, b, yy
+):  # pragma: no cover - compiled
+    """Add ``columns[j]·y_c`` and ``Σy_c²`` of each row into ``b``, ``yy``.
+
+    ``y_c = y[i, base[i] + run] − centre[j]``, ``j = which[i]``.
+    """
+    wt = centre.dtype.type
+    n_cols = columns.shape[1]
+    longest = 0
+    for g in range(runs.shape[0]):
+        longest = max(longest, runs[g, 2])
+    buf = np.empty(longest, centre.dtype)
+    acc = np.zeros(n_cols + 1)
+    for i in range(y.shape[0]):
+        j = which[i]
+        acc[:] = 0.0
+        for g in range(runs.shape[0]):
+            s0 = runs[g, 0] + base[i]
+            f0 = runs[g, 1]
+            n = runs[g, 2]
+            ys = y[i, s0 : s0 + n]
+            cs = centre[j, f0 : f0 + n]
+            # separate loops: a store and a sum in one kept it scalar (4×)
+            for p in range(n):
+                buf[p] = wt(ys[p]) - cs[p]
+            q = wt(0)
+            for p in range(n):
+                q += buf[p] * buf[p]
+            acc[n_cols] += q
+            for c in range(n_cols):
+                col = columns[j, c, f0 : f0 + n]
+                s = wt(0)
+                for p in range(n):
+                    s += buf[p] * col[p]
+                acc[c] += s
+        for c in range(n_cols):
+            b[i, c] += acc[c]
+        yy[i] += acc[n_cols]

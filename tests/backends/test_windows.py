@@ -1,0 +1,81 @@
+"""The registration's products over a moved box, every backend.
+
+Held to an independent per-slice float64 loop: the slice cut at its
+offset with ``numpy`` slicing over the box, masked, times its bin's
+columns.
+"""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from napari_mixcoef.backends import get_backend
+from napari_mixcoef.model.shifts import ShiftedDesigns
+from napari_mixcoef.model.windows import (
+    WindowTables,
+    base_of,
+    window_runs,
+)
+
+SHAPE = (23, 19)
+BOX = (slice(3, 19), slice(2, 16))
+
+
+def _case(dtype, masked):
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    refs = np.stack(
+        [
+            100 + 50 * np.exp(-((yy - 11) ** 2 + (xx - 8) ** 2) / 20.0),
+            100 + 40 * np.sin(xx / 3.0) + yy,
+        ]
+    )
+    mask = None
+    if masked:
+        mask = rng.random(SHAPE) > 0.2
+    designs = ShiftedDesigns(refs, BOX, mask)
+    n = 40
+    offset = rng.integers(-2, 3, (n, 2))
+    keys = [(0, 0), (1, -3), (-4, 2)]
+    which = rng.integers(0, len(keys), n).astype(np.int64)
+    stack = rng.integers(0, 250, (n, *SHAPE)).astype(dtype)
+    return designs, offset, keys, which, stack
+
+
+@pytest.mark.parametrize(
+    'dtype', [np.uint8, np.uint16, np.float32, np.float64]
+)
+@pytest.mark.parametrize('masked', [False, True])
+def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
+    designs, offset, keys, which, stack = _case(dtype, masked)
+    used = [designs.get(k) for k in keys]
+    work = np.float64 if dtype == np.float64 else np.float32
+    tables = WindowTables.of(used, keys, designs.k, work)
+    runs = window_runs(designs.box, SHAPE, designs.fitted)
+    base = base_of(offset, SHAPE)
+    b = np.zeros((len(stack), designs.width))
+    yy = np.zeros(len(stack))
+    get_backend(backend).window_products(
+        stack.reshape(len(stack), -1),
+        base,
+        which,
+        runs,
+        tables.centre,
+        tables.columns,
+        b,
+        yy,
+    )
+    tables.finish(which, b, yy)
+    for i, y in enumerate(stack.astype(np.float64)):
+        window = y[
+            tuple(
+                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
+            )
+        ].reshape(-1)[designs.fitted]
+        columns = used[which[i]].columns[:, designs.fitted]
+        # float32 sums: good to ~1e-6 of the terms' scale, ‖column‖·‖y‖
+        tol = 1e-12 if dtype == np.float64 else 2e-6
+        scale = np.linalg.norm(columns, axis=1) * np.linalg.norm(window)
+        err = np.abs(b[i] - columns @ window) / scale
+        assert err.max() <= tol, f'slice {i}: off by {err.max():.2g}'
+        assert_allclose(yy[i], window @ window, rtol=tol)
