@@ -137,7 +137,9 @@ def iter_fit(
                 design.dtype,
                 reads,
             )
-            stack = RegisteredStack(source, lead_shape, reg, design.dtype)
+            stack = RegisteredStack(
+                source, lead_shape, reg, design.dtype, reads
+            )
             with warnings.catch_warnings():  # the whole grid's warned once
                 warnings.simplefilter('ignore', CollinearityWarning)
                 design = make_design(

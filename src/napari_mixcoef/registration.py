@@ -515,14 +515,36 @@ class RegisteredStack:
     working dtype; basic indexing as the engine's readers use it.
     """
 
-    def __init__(self, stack, lead_shape, reg: Registration, dtype) -> None:
+    def __init__(
+        self, stack, lead_shape, reg: Registration, dtype, backend
+    ) -> None:
         self._stack = stack
         self._lead = tuple(lead_shape)
         self._reg = reg
+        self._backend = backend
         self.dtype = np.dtype(dtype)
-        self.shape = self._lead + reg.designs.box_shape
+        designs = reg.designs
+        self.shape = self._lead + designs.box_shape
         self.ndim = len(self.shape)
-        self._offset = np.where(reg.failed[:, None], 0, reg.offset)
+        full = reg.designs.full_shape
+        live = ~reg.failed
+        self._base = base_of(np.where(live[:, None], reg.offset, 0), full)
+        self._runs = window_runs(
+            designs.box, full, np.arange(math.prod(designs.box_shape))
+        )
+        # failed slices: read unshifted, no correction (weights 0)
+        values, which = np.unique(reg.key[live], axis=0, return_inverse=True)
+        self._which = np.zeros(len(live), np.int64)
+        self._which[live] = which.reshape(-1)
+        coef = sm.correction_coef(reg.theta, reg.delta, reg.model)
+        self._coef = np.where(live[:, None], coef, 0.0).astype(self.dtype)
+        self._rows = np.zeros(
+            (max(len(values), 1), coef.shape[1], self._runs[:, 2].sum()),
+            self.dtype,
+        )
+        for j, value in enumerate(values):
+            design = designs.get(tuple(int(v) for v in value))
+            self._rows[j] = sm.correction_rows(design)
 
     @property
     def size(self) -> int:
@@ -549,22 +571,16 @@ class RegisteredStack:
         return out[(Ellipsis, *ref_key)]
 
     def _fill(self, source, rows, out) -> None:
-        reg = self._reg
-        designs = reg.designs
-        for off, bin_key, pick in _groups(self._offset[rows], reg.key[rows]):
-            at = rows[pick]
-            with np.errstate(invalid='ignore', over='ignore'):
-                part = _crop(source[pick], designs.box, off).astype(self.dtype)
-            live = ~reg.failed[at]
-            if live.any():
-                fix = sm.correction(
-                    designs.get(bin_key),
-                    reg.theta[at],
-                    reg.delta[at],
-                    reg.model,
-                )
-                part[live] += fix[live].astype(self.dtype)
-            out[pick] = part
+        with np.errstate(invalid='ignore', over='ignore'):
+            self._backend.window_fill(
+                source.reshape(len(source), -1),
+                self._base[rows],
+                self._which[rows],
+                self._runs,
+                self._coef[rows],
+                self._rows,
+                out,
+            )
 
     def __array__(self, dtype=None, copy=None):
         out = self[...]

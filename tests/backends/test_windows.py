@@ -10,7 +10,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from napari_mixcoef.backends import get_backend
-from napari_mixcoef.model.shifts import ShiftedDesigns
+from napari_mixcoef.model.shifts import ShiftedDesigns, correction_rows
 from napari_mixcoef.model.windows import (
     WindowTables,
     base_of,
@@ -79,3 +79,34 @@ def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
         err = np.abs(b[i] - columns @ window) / scale
         assert err.max() <= tol, f'slice {i}: off by {err.max():.2g}'
         assert_allclose(yy[i], window @ window, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    'dtype', [np.uint8, np.uint16, np.float32, np.float64]
+)
+def test_window_fill_matches_a_per_slice_loop(backend, dtype):
+    designs, offset, keys, which, stack = _case(dtype, False)
+    work = np.float64 if dtype == np.float64 else np.float32
+    rows = np.stack([correction_rows(designs.get(k)) for k in keys])
+    n_box = rows.shape[-1]
+    runs = window_runs(designs.box, SHAPE, np.arange(n_box))
+    coef = np.random.default_rng(3).normal(size=(len(stack), len(rows[0])))
+    out = np.zeros((len(stack), n_box), work)
+    get_backend(backend).window_fill(
+        stack.reshape(len(stack), -1),
+        base_of(offset, SHAPE),
+        which,
+        runs,
+        coef.astype(work),
+        rows.astype(work),
+        out,
+    )
+    for i, y in enumerate(stack.astype(np.float64)):
+        window = y[
+            tuple(
+                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
+            )
+        ].reshape(-1)
+        want = window + coef[i] @ rows[which[i]]
+        tol = 1e-12 if dtype == np.float64 else 1e-6
+        assert_allclose(out[i], want, rtol=tol, atol=tol * np.abs(want).max())

@@ -23,6 +23,8 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
 ``window_products(y, base, which, runs, centre, columns, b, yy)``
     the registration's products of slices read over a moved box
     (:mod:`~..model.windows`);
+``window_fill(y, base, which, runs, coef, rows, out)``
+    the registered slices: read over a moved box plus a correction;
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -80,6 +82,9 @@ class Backend(Protocol):
         self, y, base, which, runs, centre, columns, b, yy
     ) -> None:
         """Add each slice's products over its moved box into ``b``, ``yy``."""
+
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Write each slice over its moved box plus its correction."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

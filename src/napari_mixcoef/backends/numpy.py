@@ -124,5 +124,9 @@ class NumpyBackend:
             y, base, which, runs, centre, columns, b, yy
         )
 
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Gather each bin's rows and add one GEMM's correction."""
+        windows.numpy_window_fill(y, base, which, runs, coef, rows, out)
+
     def warm_up(self) -> None:
         """Nothing to prepare."""

@@ -152,6 +152,7 @@ class ShiftedDesigns:
         self.k = images.shape[0]
         self.ndim = images.ndim - 1
         self.box = box
+        self.full_shape = tuple(images.shape[1:])
         # the spline coefficients once, mirrored by the taps' reach; each
         # bin evaluates them (and their derivatives) with separable taps
         self._coef = [
@@ -450,19 +451,22 @@ def structure_z(
         return cross / (sigma * np.sqrt(np.maximum(norm2, 0.0)))
 
 
-def correction(design: BinDesign, theta, delta, model) -> NDArray:
-    """``m̂(p) − m̂(p − f)`` over the box: what registers the rest ``f``.
+def correction_coef(theta, delta, model) -> NDArray:
+    """Weights of :func:`correction_rows` that register the rest ``f``.
 
-    Noise-free: from the references and the fit alone, ``Σ_k ŵ_k (R_k −
-    R_k^{f0}) − Σ_j δ_j Σ_k ŵ_k ∂_jR_k^{f0}``, ``(m, n_box)``.
+    ``m̂(p) − m̂(p − f) = Σ_k ŵ_k (R_k − R_k^{f0}) − Σ_j δ_j Σ_k ŵ_k
+    ∂_jR_k^{f0}``: noise-free, from the references and the fit alone;
+    ``[ŵ, −δ_1ŵ, …, −δ_dŵ]``, ``(m, K(1 + d))``.
     """
     w = model.weight0 + theta @ model.weight_map.T
-    big_k = model.n_references
-    out = w @ design.moved
-    for j in range(delta.shape[1]):
-        rows = design.columns[big_k * (1 + j) : big_k * (2 + j)]
-        out -= (delta[:, j : j + 1] * w) @ rows
-    return out
+    parts = [w] + [-delta[:, j : j + 1] * w for j in range(delta.shape[1])]
+    return np.concatenate(parts, axis=1)
+
+
+def correction_rows(design: BinDesign) -> NDArray:
+    """``[R_k − R_k^{f0}, ∂_1R_k^{f0}, …]`` over the box, ``(K(1+d), n)``."""
+    k = design.moved.shape[0]
+    return np.vstack([design.moved, design.columns[k:-1]])
 
 
 def box_of(shape, low: NDArray, high: NDArray) -> tuple[slice, ...]:

@@ -109,11 +109,26 @@ class WindowTables:
         b += self.b_centre[which]
 
 
-def numpy_window_products(y, base, which, runs, centre, columns, b, yy):
-    """Add the products as ``window_products`` does (the reference)."""
-    index = np.concatenate(
+def _gathered(runs: NDArray) -> NDArray[np.intp]:
+    """Return the stored pixels of the runs, in their fitted order."""
+    return np.concatenate(
         [np.arange(s, s + n) for s, _, n in runs.tolist()]
     ).astype(np.intp)
+
+
+def numpy_window_fill(y, base, which, runs, coef, rows, out):
+    """Write the slices as ``window_fill`` does (the reference)."""
+    index = _gathered(runs)
+    for j in np.unique(which):
+        at = np.flatnonzero(which == j)
+        data = y[at[:, None], base[at, None] + index]
+        fix = np.dot(coef[at].astype(out.dtype), rows[j])
+        out[at] = np.add(data, fix, dtype=out.dtype)
+
+
+def numpy_window_products(y, base, which, runs, centre, columns, b, yy):
+    """Add the products as ``window_products`` does (the reference)."""
+    index = _gathered(runs)
     wt = centre.dtype
     for j in np.unique(which):
         rows = np.flatnonzero(which == j)

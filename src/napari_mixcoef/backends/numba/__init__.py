@@ -323,6 +323,10 @@ class NumbaBackend:
             y, base, which, runs, centre, columns, b, yy
         )
 
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Each registered slice in one compiled pass."""
+        self._windows.window_fill(y, base, which, runs, coef, rows, out)
+
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
 

@@ -54,3 +54,29 @@ def window_products(
         for c in range(n_cols):
             b[i, c] += acc[c]
         yy[i] += acc[n_cols]
+
+
+@jit
+def window_fill(y, base, which, runs, coef, rows, out):  # pragma: no cover
+    """Write ``y[i, base[i] + run] + coef[i]·rows[which[i]]`` into ``out``.
+
+    The registered slice: read at its offset, plus the noise-free
+    correction, a few rows of its bin combined with its own weights.
+    """
+    wt = out.dtype.type
+    n_rows = rows.shape[1]
+    for i in range(y.shape[0]):
+        j = which[i]
+        for g in range(runs.shape[0]):
+            s0 = runs[g, 0] + base[i]
+            f0 = runs[g, 1]
+            n = runs[g, 2]
+            ys = y[i, s0 : s0 + n]
+            dst = out[i, f0 : f0 + n]
+            for p in range(n):
+                dst[p] = wt(ys[p])
+            for c in range(n_rows):
+                a = wt(coef[i, c])
+                row = rows[j, c, f0 : f0 + n]
+                for p in range(n):
+                    dst[p] += a * row[p]
