@@ -178,7 +178,7 @@ def iter_fit(
         shift = shift_stderr = failed = None
         if reg is not None:
             shift_stderr = shift_errors(
-                reg, source, lead_shape, spec.stderr, outcome.rho
+                reg, source, lead_shape, spec.stderr, outcome.rho, reads
             )
             shift = reg.shift.reshape(lead_shape + reg.shift.shape[1:])
             shift_stderr = shift_stderr.reshape(shift.shape)

@@ -116,6 +116,7 @@ class Registration:
     box: tuple[slice, ...]
     designs: sm.ShiftedDesigns
     model: object
+    dtype: np.dtype
 
     def box_references(self, refs: References) -> References:
         """Return the references and mask over the box."""
@@ -324,34 +325,8 @@ def register_stack(
         box=box,
         designs=designs,
         model=model,
+        dtype=np.dtype(dtype),
     )
-
-
-def _groups(offset: NDArray, key: NDArray):
-    """Rows sharing an integer offset and a bin: ``(offset, key, rows)``."""
-    both = np.concatenate([offset, key], axis=1)
-    values, which = np.unique(both, axis=0, return_inverse=True)
-    which = which.reshape(-1)
-    d = offset.shape[1]
-    for g, value in enumerate(values):
-        rows = np.flatnonzero(which == g)
-        if rows[-1] - rows[0] + 1 == len(rows):  # a run: views, no copies
-            rows = slice(int(rows[0]), int(rows[-1]) + 1)
-        yield value[:d], tuple(int(v) for v in value[d:]), rows
-
-
-def _window_of(y: NDArray, box, offset) -> NDArray:
-    """Slices ``y`` (m, *shape) over the box moved by ``offset`` (a view)."""
-    index = tuple(
-        slice(part.start + int(n), part.stop + int(n))
-        for part, n in zip(box, offset)
-    )
-    return y[(slice(None), *index)]
-
-
-def _crop(y: NDArray, box, offset) -> NDArray:
-    """Slices ``y`` (m, *shape) read over the box moved by ``offset``."""
-    return _window_of(y, box, offset).reshape(len(y), -1)
 
 
 def _placed(shift, box, shape):
@@ -375,9 +350,7 @@ def _joint_pass(
     """
     n_slices = len(shift)
     offset, key, delta0 = _placed(shift, designs.box, shape)
-    values, which = np.unique(key, axis=0, return_inverse=True)
-    which = which.reshape(-1).astype(np.int64)
-    keys = [tuple(int(v) for v in value) for value in values]
+    keys, which = _keys(key)
     used = [designs.get(k) for k in keys]
     tables = WindowTables.of(used, keys, designs.k, dtype)
     runs = window_runs(designs.box, shape, designs.fitted)
@@ -444,54 +417,88 @@ def _fit_sums(b, yy, grams, which, model, delta0, designs) -> dict:
 
 
 def shift_errors(
-    reg: Registration, stack, lead_shape, stderr: str, rho
+    reg: Registration, stack, lead_shape, stderr: str, rho, backend
 ) -> NDArray[np.float64]:
     """Return the shifts' standard errors, ``(n, d)`` (NaN where failed).
 
     ``stderr="ols"``: ``σ̂²H⁻¹`` of the joint fit.  ``"auto"``: the
     sandwich with the spatial HAC terms of the noise kernel ``rho`` (the
-    coefficients' own), from one more pass over the residuals, summed over
-    the engine's fixed sample of pixels (:func:`~.model.design.meat_sample`)
-    where a slice has many.
+    coefficients' own), from one more pass over the residuals (the
+    backend's ``window_meat``), summed over the engine's fixed sample of
+    pixels (:func:`~.model.design.meat_sample`) where a slice has many.
     """
     designs = reg.designs
     n = len(designs.fitted)
     k = reg.model.k
     meat = None
     if stderr == 'auto' and rho is not None:
-        meat = np.zeros_like(reg.hessian)
-        shape = designs.box_shape
-        full = tuple(int(s) for s in stack.shape[len(lead_shape) :])
-        inside = np.zeros(math.prod(shape), bool)
-        inside[designs.fitted] = True
-        sample, scale = meat_sample(inside, inside.size, n, k + len(shape))
-        picked = designs.fitted if sample is None else np.flatnonzero(sample)
-        where = np.searchsorted(designs.fitted, picked)  # in the terms
-
-        def work(block) -> None:
-            for start, y in _read(stack, lead_shape, full, block):
-                rows = slice(start, start + len(y))
-                groups = _groups(reg.offset[rows], reg.key[rows])
-                for off, bin_key, pick in groups:
-                    design = designs.get(bin_key)
-                    at = np.arange(start, start + len(y))[pick]
-                    theta, delta = reg.theta[at], reg.delta[at]
-                    data = _crop(y[pick], designs.box, off)[:, picked]
-                    v = sm._vector(theta, delta, reg.model)
-                    terms = designs.get(_coarser(bin_key)).terms(rho, shape)
-                    with np.errstate(invalid='ignore', over='ignore'):
-                        r = data - v @ design.columns[:, picked]
-                        meat[at] = scale * sm.joint_meat(
-                            r * r, terms[:, where], theta, delta, reg.model
-                        )
-
-        for _ in _on_threads(_blocks(lead_shape, full), work, len(meat)):
-            pass
+        meat = _meat(reg, stack, lead_shape, rho, backend)
     cov = sm.joint_covariance(reg.hessian, reg.ssr, n, meat)
     var = np.diagonal(cov, axis1=1, axis2=2)[:, k:]
     err = np.sqrt(np.maximum(var, 0.0))
     err[reg.failed] = np.nan
     return err
+
+
+def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
+    """Return the sandwich's middle of every joint fit, ``(n, f, f)``."""
+    designs = reg.designs
+    n = len(designs.fitted)
+    shape = designs.box_shape
+    full = designs.full_shape
+    inside = np.zeros(math.prod(shape), bool)
+    inside[designs.fitted] = True
+    sample, scale = meat_sample(
+        inside, inside.size, n, reg.model.k + len(shape)
+    )
+    picked = designs.fitted if sample is None else np.flatnonzero(sample)
+    where = np.searchsorted(designs.fitted, picked)  # in the terms
+    keys, which = _keys(reg.key)
+    coarse, twhich = _keys(np.array([_coarser(key) for key in keys]))
+    twhich = twhich[which]
+    wt = reg.dtype
+    # C order: the kernel reads each row along the pixels
+    columns = np.ascontiguousarray(
+        np.stack([designs.get(key).columns[:, picked] for key in keys]), wt
+    )
+    terms = np.ascontiguousarray(
+        np.stack(
+            [designs.get(key).terms(rho, shape)[:, where] for key in coarse]
+        ),
+        wt,
+    )
+    v = np.ascontiguousarray(sm._vector(reg.theta, reg.delta, reg.model), wt)
+    runs = window_runs(designs.box, full, picked)
+    base = base_of(reg.offset, full)
+    sums = np.zeros((len(v), terms.shape[1]))
+
+    def work(block) -> None:
+        for start, y in _read(stack, lead_shape, full, block):
+            rows = slice(start, start + len(y))
+            with np.errstate(invalid='ignore', over='ignore'):
+                backend.window_meat(
+                    y.reshape(len(y), -1),
+                    base[rows],
+                    which[rows],
+                    runs,
+                    v[rows],
+                    columns,
+                    twhich[rows],
+                    terms,
+                    sums[rows],
+                )
+
+    for _ in _on_threads(_blocks(lead_shape, full), work, len(v)):
+        pass
+    with np.errstate(invalid='ignore', over='ignore'):
+        return scale * sm.meat_of(sums, reg.theta, reg.delta, reg.model)
+
+
+def _keys(key: NDArray) -> tuple[list, NDArray[np.int64]]:
+    """Return the distinct bins of ``key`` (m, d) and each row's one."""
+    values, which = np.unique(key, axis=0, return_inverse=True)
+    keys = [tuple(int(v) for v in value) for value in values]
+    return keys, which.reshape(-1).astype(np.int64)
 
 
 #: The sandwich's terms vary slowly with the fractional shift: they are

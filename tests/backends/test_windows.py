@@ -110,3 +110,38 @@ def test_window_fill_matches_a_per_slice_loop(backend, dtype):
         want = window + coef[i] @ rows[which[i]]
         tol = 1e-12 if dtype == np.float64 else 1e-6
         assert_allclose(out[i], want, rtol=tol, atol=tol * np.abs(want).max())
+
+
+@pytest.mark.parametrize('dtype', [np.uint16, np.float64])
+def test_window_meat_matches_a_per_slice_loop(backend, dtype):
+    designs, offset, keys, which, stack = _case(dtype, True)
+    work = np.float64 if dtype == np.float64 else np.float32
+    picked = designs.fitted[::3]
+    columns = np.stack([designs.get(k).columns[:, picked] for k in keys])
+    rng = np.random.default_rng(5)
+    terms = rng.random((2, 6, len(picked)))
+    twhich = rng.integers(0, 2, len(stack)).astype(np.int64)
+    v = rng.normal(size=(len(stack), designs.width)) * 0.05
+    out = np.zeros((len(stack), 6))
+    get_backend(backend).window_meat(
+        stack.reshape(len(stack), -1),
+        base_of(offset, SHAPE),
+        which,
+        window_runs(designs.box, SHAPE, picked),
+        np.ascontiguousarray(v, work),
+        np.ascontiguousarray(columns, work),
+        twhich,
+        np.ascontiguousarray(terms, work),
+        out,
+    )
+    for i, y in enumerate(stack.astype(np.float64)):
+        window = y[
+            tuple(
+                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
+            )
+        ].reshape(-1)[picked]
+        r = window - v[i] @ columns[which[i]]
+        want = terms[twhich[i]] @ (r * r)
+        assert_allclose(
+            out[i], want, rtol=1e-12 if work == np.float64 else 1e-4
+        )

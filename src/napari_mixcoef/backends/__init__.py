@@ -25,6 +25,8 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
     (:mod:`~..model.windows`);
 ``window_fill(y, base, which, runs, coef, rows, out)``
     the registered slices: read over a moved box plus a correction;
+``window_meat(y, base, which, runs, v, columns, twhich, terms, out)``
+    the sandwich sums ``Σ r²·terms`` of the joint fit's residuals;
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -85,6 +87,11 @@ class Backend(Protocol):
 
     def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
         """Write each slice over its moved box plus its correction."""
+
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Add each slice's ``Σ r²·terms`` over its moved box to ``out``."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

@@ -128,5 +128,13 @@ class NumpyBackend:
         """Gather each bin's rows and add one GEMM's correction."""
         windows.numpy_window_fill(y, base, which, runs, coef, rows, out)
 
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Gather each bin's rows; residuals and their sums by GEMMs."""
+        windows.numpy_window_meat(
+            y, base, which, runs, v, columns, twhich, terms, out
+        )
+
     def warm_up(self) -> None:
         """Nothing to prepare."""

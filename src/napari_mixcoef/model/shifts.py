@@ -405,8 +405,13 @@ def joint_meat(
     -------
     (m, k + d, k + d) ndarray
     """
+    return meat_of(r2 @ terms.T, theta, delta, model)
+
+
+def meat_of(sums: NDArray, theta, delta, model) -> NDArray[np.float64]:
+    """``JᵀΩ_BJ`` from the sums ``Σ_p r_p² terms[:, p]``, ``(m, T)``."""
     width = _vector(theta[:1], delta[:1], model).shape[1]
-    omega = unpack(r2 @ terms.T, width)
+    omega = unpack(sums, width)
     jac = _jacobian(theta, delta, model)
     return np.einsum('mpa,mpq,mqb->mab', jac, omega, jac)
 

@@ -136,3 +136,14 @@ def numpy_window_products(y, base, which, runs, centre, columns, b, yy):
         yc = np.subtract(data, centre[j], dtype=wt)
         b[rows] += np.dot(yc, columns[j].T).astype(np.float64)
         yy[rows] += np.einsum('mp,mp->m', yc, yc, dtype=np.float64)
+
+
+def numpy_window_meat(y, base, which, runs, v, columns, twhich, terms, out):
+    """Add the sums as ``window_meat`` does (the reference)."""
+    index = _gathered(runs)
+    wt = columns.dtype
+    for j, t in {(a, b) for a, b in zip(which.tolist(), twhich.tolist())}:
+        at = np.flatnonzero((which == j) & (twhich == t))
+        data = y[at[:, None], base[at, None] + index].astype(wt)
+        r = data - np.dot(v[at].astype(wt), columns[j])
+        out[at] += np.dot(r * r, terms[t].T).astype(np.float64)

@@ -327,6 +327,14 @@ class NumbaBackend:
         """Each registered slice in one compiled pass."""
         self._windows.window_fill(y, base, which, runs, coef, rows, out)
 
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Each slice's residual sums over its moved box, one pass."""
+        self._windows.window_meat(
+            y, base, which, runs, v, columns, twhich, terms, out
+        )
+
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
 

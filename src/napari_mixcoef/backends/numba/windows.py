@@ -80,3 +80,48 @@ def window_fill(y, base, which, runs, coef, rows, out):  # pragma: no cover
                 row = rows[j, c, f0 : f0 + n]
                 for p in range(n):
                     dst[p] += a * row[p]
+
+
+@jit
+def window_meat(
+    y, base, which, runs, v, columns, twhich, terms, out
+):  # pragma: no cover - compiled
+    """Add ``Σ_p r_p² terms[twhich[i], :, p]`` of each row into ``out``.
+
+    ``r = y[i, base[i] + run] − v[i]·columns[which[i]]``: the joint fit's
+    residuals over the sampled pixels, squared in a short buffer.
+    """
+    wt = columns.dtype.type
+    n_cols = columns.shape[1]
+    n_terms = terms.shape[1]
+    longest = 0
+    for g in range(runs.shape[0]):
+        longest = max(longest, runs[g, 2])
+    buf = np.empty(longest, columns.dtype)
+    acc = np.zeros(n_terms)
+    for i in range(y.shape[0]):
+        j = which[i]
+        t = twhich[i]
+        acc[:] = 0.0
+        for g in range(runs.shape[0]):
+            s0 = runs[g, 0] + base[i]
+            f0 = runs[g, 1]
+            n = runs[g, 2]
+            ys = y[i, s0 : s0 + n]
+            for p in range(n):
+                buf[p] = wt(ys[p])
+            for c in range(n_cols):
+                a = v[i, c]
+                col = columns[j, c, f0 : f0 + n]
+                for p in range(n):
+                    buf[p] -= a * col[p]
+            for p in range(n):
+                buf[p] = buf[p] * buf[p]
+            for e in range(n_terms):
+                row = terms[t, e, f0 : f0 + n]
+                s = wt(0)
+                for p in range(n):
+                    s += buf[p] * row[p]
+                acc[e] += s
+        for e in range(n_terms):
+            out[i, e] += acc[e]
