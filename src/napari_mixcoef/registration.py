@@ -351,7 +351,7 @@ def _joint_pass(
     n_slices = len(shift)
     offset, key, delta0 = _placed(shift, designs.box, shape)
     keys, which = _keys(key)
-    used = [designs.get(k) for k in keys]
+    used = designs.get_many(keys)
     tables = WindowTables.of(used, keys, designs.k, dtype)
     runs = window_runs(designs.box, shape, designs.fitted)
     base = base_of(offset, shape)

@@ -178,33 +178,54 @@ class ShiftedDesigns:
         """Shared columns per bin, ``P = K(1 + d) + 1``."""
         return self.k * (1 + self.ndim) + 1
 
-    def _evaluated(self, coef: NDArray, f0: NDArray) -> list[NDArray]:
-        """``R(p − f0)`` and its derivatives in ``f`` over the box.
+    def _evaluated(self, coef: NDArray, keys: list) -> dict:
+        """``R(p − f0)`` and its derivatives in ``f`` over the box, per bin.
 
         The cubic spline's 5 taps per axis: values ``β₃(−f − t)``, and
-        ``−β₃'(−f − t)`` along the axis being differentiated.
+        ``−β₃'(−f − t)`` along the axis being differentiated.  An axis at
+        a time, every bin that shares the axes before it in one product
+        of the tap weights with the 5 shifted images (a GEMM, not a pass
+        per bin).  Returns ``{key: [R, ∂_1R, …, ∂_dR]}`` (flat).
         """
-        parts = {None: coef}
-        for axis, (part, f) in enumerate(zip(self.box, f0)):
-            taps = np.arange(-2, 3)
-            u = -f - taps
-            weight, slope = _bspline3(u), -_bspline3_slope(u)
-            done = {}
-            for which, values in parts.items():
-                done[which] = _taps(values, axis, part, weight)
-                if which is None:
-                    done[axis] = _taps(values, axis, part, slope)
-            parts = done
+        level = {(): {None: coef}}
+        taps = np.arange(-2, 3)
+        for axis, part in enumerate(self.box):
+            done: dict = {}
+            for prefix, parts in level.items():
+                steps = sorted({k[axis] for k in keys if k[:axis] == prefix})
+                u = -np.asarray(steps, np.float64)[:, None] / BINS - taps
+                weight, slope = _bspline3(u), -_bspline3_slope(u)
+                for which, values in parts.items():
+                    moved = _shifted(values, axis, part)
+                    flat = moved.reshape(len(taps), -1)
+                    made = [(which, weight)]
+                    if which is None:
+                        made.append((axis, slope))
+                    for name, w in made:
+                        out = np.dot(w, flat).reshape((-1, *moved.shape[1:]))
+                        for step, image in zip(steps, out):
+                            done.setdefault((*prefix, step), {})[name] = image
+            level = done
         order = [None, *range(self.ndim)]
-        return [parts[w].reshape(-1) for w in order]
+        return {
+            key: [level[key][w].reshape(-1) for w in order] for key in keys
+        }
 
     def get(self, key: tuple[int, ...]) -> BinDesign:
         """Return the design of bin ``key`` (``f0 = key / BINS``)."""
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: list) -> list[BinDesign]:
+        """Return the designs of bins ``keys``, making the missing together."""
+        missing = sorted({tuple(k) for k in keys} - set(self._cache))
+        if missing:
+            each = [self._evaluated(c, missing) for c in self._coef]
+            for key in missing:
+                self._cache[key] = self._made(key, [e[key] for e in each])
+        return [self._cache[tuple(k)] for k in keys]
+
+    def _made(self, key: tuple[int, ...], each: list) -> BinDesign:
         f0 = np.asarray(key, np.float64) / BINS
-        each = [self._evaluated(c, f0) for c in self._coef]
         # rows: R_k, then ∂_1 R_k for every k, …, then the constant
         rows = [np.stack([e[j] for e in each]) for j in range(self.ndim + 1)]
         rows.append(np.ones((1, rows[0].shape[1])))
@@ -213,7 +234,7 @@ class ShiftedDesigns:
             part = columns
         else:
             part = np.ascontiguousarray(columns[:, self.fitted])
-        hit = self._cache[key] = BinDesign(
+        return BinDesign(
             f0=f0,
             columns=columns,
             fitted=self.fitted,
@@ -221,7 +242,6 @@ class ShiftedDesigns:
             moved=self._plain - rows[0],
             _ndim=self.ndim,
         )
-        return hit
 
 
 def _bspline3(u: NDArray) -> NDArray:
@@ -242,16 +262,18 @@ def _bspline3_slope(u: NDArray) -> NDArray:
     return np.sign(u) * np.where(a < 1, inner, np.where(a < 2, outer, 0.0))
 
 
-def _taps(values: NDArray, axis: int, part: slice, weights) -> NDArray:
-    """``Σ_t w_t c[p + t]`` along ``axis`` for ``p`` in ``part``.
+def _shifted(values: NDArray, axis: int, part: slice) -> NDArray:
+    """``c[p + t]`` along ``axis`` for ``p`` in ``part``, ``t = −2 … 2``.
 
-    ``values`` is padded by 2 along the axes not yet evaluated.
+    ``values`` is padded by 2 along the axes not yet evaluated; the
+    result stacks the 5 taps first.
     """
-    # one compiled pass (scipy) instead of five numpy ones
-    out = ndimage.correlate1d(values, np.asarray(weights), axis=axis)
     index = [slice(None)] * values.ndim
-    index[axis] = slice(part.start + 2, part.stop + 2)
-    return out[tuple(index)]
+    out = []
+    for t in range(-2, 3):
+        index[axis] = slice(part.start + 2 + t, part.stop + 2 + t)
+        out.append(values[tuple(index)])
+    return np.stack(out)
 
 
 def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:

@@ -320,23 +320,31 @@ class NumbaBackend:
     ) -> None:
         """Each slice's products over its moved box, one compiled pass."""
         self._windows.window_products(
-            y, base, which, runs, centre, columns, b, yy
+            y, base, which, _by_bin(which), runs, centre, columns, b, yy
         )
 
     def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
         """Each registered slice in one compiled pass."""
-        self._windows.window_fill(y, base, which, runs, coef, rows, out)
+        self._windows.window_fill(
+            y, base, which, _by_bin(which), runs, coef, rows, out
+        )
 
     def window_meat(
         self, y, base, which, runs, v, columns, twhich, terms, out
     ) -> None:
         """Each slice's residual sums over its moved box, one pass."""
+        order = np.lexsort((twhich, which))
         self._windows.window_meat(
-            y, base, which, runs, v, columns, twhich, terms, out
+            y, base, which, order, runs, v, columns, twhich, terms, out
         )
 
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
+
+
+def _by_bin(which: NDArray) -> NDArray[np.intp]:
+    """Rows in the order of their bins (slices of a bin one after another)."""
+    return np.argsort(which, kind='stable')
 
 
 def _dot_rows(a: NDArray, b: NDArray) -> NDArray:

@@ -4,7 +4,8 @@ The registration's joint pass (:mod:`napari_mixcoef.model.windows`):
 each slice is read run by run at its flat offset, cast and centred on its
 bin's centre into a short buffer, and the buffer's products with each of
 the bin's columns summed, in the working dtype over one run, then into
-float64.
+float64.  Rows are visited in ``order`` (by bin): a bin's tables are
+read from the cache by its slices in turn, not once per slice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from .kernels import jit
 
 @jit
 def window_products(
-    y, base, which, runs, centre, columns, b, yy
+    y, base, which, order, runs, centre, columns, b, yy
 ):  # pragma: no cover - compiled
     """Add ``columns[j]·y_c`` and ``Σy_c²`` of each row into ``b``, ``yy``.
 
@@ -29,7 +30,7 @@ def window_products(
         longest = max(longest, runs[g, 2])
     buf = np.empty(longest, centre.dtype)
     acc = np.zeros(n_cols + 1)
-    for i in range(y.shape[0]):
+    for i in order:
         j = which[i]
         acc[:] = 0.0
         for g in range(runs.shape[0]):
@@ -57,7 +58,9 @@ def window_products(
 
 
 @jit
-def window_fill(y, base, which, runs, coef, rows, out):  # pragma: no cover
+def window_fill(
+    y, base, which, order, runs, coef, rows, out
+):  # pragma: no cover - compiled
     """Write ``y[i, base[i] + run] + coef[i]·rows[which[i]]`` into ``out``.
 
     The registered slice: read at its offset, plus the noise-free
@@ -65,7 +68,7 @@ def window_fill(y, base, which, runs, coef, rows, out):  # pragma: no cover
     """
     wt = out.dtype.type
     n_rows = rows.shape[1]
-    for i in range(y.shape[0]):
+    for i in order:
         j = which[i]
         for g in range(runs.shape[0]):
             s0 = runs[g, 0] + base[i]
@@ -84,7 +87,7 @@ def window_fill(y, base, which, runs, coef, rows, out):  # pragma: no cover
 
 @jit
 def window_meat(
-    y, base, which, runs, v, columns, twhich, terms, out
+    y, base, which, order, runs, v, columns, twhich, terms, out
 ):  # pragma: no cover - compiled
     """Add ``Σ_p r_p² terms[twhich[i], :, p]`` of each row into ``out``.
 
@@ -99,7 +102,7 @@ def window_meat(
         longest = max(longest, runs[g, 2])
     buf = np.empty(longest, columns.dtype)
     acc = np.zeros(n_terms)
-    for i in range(y.shape[0]):
+    for i in order:
         j = which[i]
         t = twhich[i]
         acc[:] = 0.0
