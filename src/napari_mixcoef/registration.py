@@ -33,6 +33,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.fft as sfft
 from numpy.typing import NDArray
 
 from .engine.blocks import plan_blocks, stored_rows
@@ -197,7 +198,8 @@ class _Coarse:
         small = self._prepared(template[None])[0]
         self.shape = small.shape
         self.axes = tuple(range(-self.ndim, 0))
-        self.spectrum = np.conj(np.fft.rfftn(small, axes=self.axes))
+        # scipy's FFT keeps float32 (numpy's works in float64)
+        self.spectrum = np.conj(sfft.rfftn(small, axes=self.axes))
         reach = limit / self.factor + 1
         grid = np.meshgrid(
             *[np.fft.fftfreq(s, 1 / s) for s in self.shape], indexing='ij'
@@ -215,10 +217,8 @@ class _Coarse:
 
     def __call__(self, y: NDArray) -> NDArray[np.float64]:
         """Shifts ``(m, d)`` of slices ``y`` (m, *shape), in pixels."""
-        spec = np.fft.rfftn(self._prepared(y), axes=self.axes)
-        corr = np.fft.irfftn(
-            spec * self.spectrum, s=self.shape, axes=self.axes
-        )
+        spec = sfft.rfftn(self._prepared(y), axes=self.axes)
+        corr = sfft.irfftn(spec * self.spectrum, s=self.shape, axes=self.axes)
         flat = corr.reshape(len(y), -1)
         flat = np.where(self.allowed, flat, -np.inf)
         best = np.argmax(flat, axis=1)
