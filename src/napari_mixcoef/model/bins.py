@@ -204,10 +204,14 @@ class ShiftedDesigns:
 
     def _made(self, key: tuple[int, ...], each: list) -> BinDesign:
         f0 = np.asarray(key, np.float64) / BINS
-        # rows: R_k, then ∂_1 R_k for every k, …, then the constant
-        rows = [np.stack([e[j] for e in each]) for j in range(self.ndim + 1)]
-        rows.append(np.ones((1, rows[0].shape[1])))
-        columns = np.vstack(rows)
+        # rows: R_k, then ∂_1 R_k for every k, …, then the constant;
+        # written in place (stack + vstack copied each bin twice)
+        k = len(each)
+        columns = np.empty((k * (self.ndim + 1) + 1, len(each[0][0])))
+        for j in range(self.ndim + 1):
+            for r, e in enumerate(each):
+                columns[j * k + r] = e[j]
+        columns[-1] = 1.0
         if len(self.fitted) == columns.shape[1]:
             part = columns
         else:
@@ -217,7 +221,7 @@ class ShiftedDesigns:
             columns=columns,
             fitted=self.fitted,
             gram=np.dot(part, part.T),
-            moved=self._plain - rows[0],
+            moved=self._plain - columns[:k],
             _ndim=self.ndim,
         )
 

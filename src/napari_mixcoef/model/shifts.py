@@ -257,10 +257,17 @@ def correction_coef(theta, delta, model) -> NDArray:
     return np.concatenate(parts, axis=1)
 
 
-def correction_rows(design: BinDesign) -> NDArray:
-    """``[R_k − R_k^{f0}, ∂_1R_k^{f0}, …]`` over the box, ``(K(1+d), n)``."""
+def correction_rows(design: BinDesign, out: NDArray | None = None) -> NDArray:
+    """``[R_k − R_k^{f0}, ∂_1R_k^{f0}, …]`` over the box, ``(K(1+d), n)``.
+
+    Written into ``out`` (any float dtype) when given.
+    """
     k = design.moved.shape[0]
-    return np.vstack([design.moved, design.columns[k:-1]])
+    if out is None:
+        out = np.empty((len(design.columns) - 1, design.columns.shape[1]))
+    out[:k] = design.moved
+    out[k:] = design.columns[k:-1]
+    return out
 
 
 def box_of(shape, low: NDArray, high: NDArray) -> tuple[slice, ...]:

@@ -53,7 +53,7 @@ class RegisteredStack:
         )
         for j, value in enumerate(values):
             design = designs.get(tuple(int(v) for v in value))
-            self._rows[j] = sm.correction_rows(design)
+            sm.correction_rows(design, out=self._rows[j])
 
     @property
     def size(self) -> int:
