@@ -145,3 +145,20 @@ def test_window_meat_matches_a_per_slice_loop(backend, dtype):
         assert_allclose(
             out[i], want, rtol=1e-12 if work == np.float64 else 1e-4
         )
+
+
+@pytest.mark.parametrize(
+    'shape, factor',
+    [((130, 129), 4), ((50,), 5), ((21, 18, 16), 3), ((12, 12), 1)],
+)
+def test_block_means_match_a_reshaped_mean(backend, shape, factor):
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 4000, (6, *shape)).astype(np.uint16)
+    small = tuple(s // factor for s in shape)
+    out = np.empty((6, *small), np.float32)
+    get_backend(backend).block_means(y, factor, out)
+    cut = y[(Ellipsis, *[slice(0, s * factor) for s in small])]
+    split = sum(((s, factor) for s in small), ())
+    axes = tuple(2 + 2 * j for j in range(len(shape)))
+    want = cut.astype(np.float64).reshape((6, *split)).mean(axis=axes)
+    assert_allclose(out, want, rtol=1e-6)

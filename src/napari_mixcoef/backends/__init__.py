@@ -27,6 +27,8 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
     the registered slices: read over a moved box plus a correction;
 ``window_meat(y, base, which, runs, v, columns, twhich, terms, out)``
     the sandwich sums ``Σ r²·terms`` of the joint fit's residuals;
+``block_means(y, factor, out)``
+    the coarse estimate's block means of images ``y`` (m, *shape);
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -92,6 +94,9 @@ class Backend(Protocol):
         self, y, base, which, runs, v, columns, twhich, terms, out
     ) -> None:
         """Add each slice's ``Σ r²·terms`` over its moved box to ``out``."""
+
+    def block_means(self, y: NDArray, factor: int, out: NDArray) -> None:
+        """Write the means of ``factor``-sided blocks of ``y`` into ``out``."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

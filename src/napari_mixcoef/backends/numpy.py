@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from numpy.typing import NDArray
 
-from ..model import noise, pixelwise, spatial, windows
+from ..model import downsample, noise, pixelwise, spatial, windows
 
 __all__ = ['NumpyBackend', 'centred']
 
@@ -135,6 +135,10 @@ class NumpyBackend:
         windows.numpy_window_meat(
             y, base, which, runs, v, columns, twhich, terms, out
         )
+
+    def block_means(self, y, factor, out) -> None:
+        """Add strided views an axis at a time (:mod:`.model.downsample`)."""
+        out[...] = downsample.block_means(y, factor, y.ndim - 1)
 
     def warm_up(self) -> None:
         """Nothing to prepare."""

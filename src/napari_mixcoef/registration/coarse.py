@@ -11,35 +11,13 @@ import numpy as np
 import scipy.fft as sfft
 from numpy.typing import NDArray
 
+from ..model.downsample import block_means
 from ..model.references import References
 
 __all__ = ['COARSE_SIDE', 'Coarse']
 
 #: Coarse correlations run on images of about this many pixels a side.
 COARSE_SIDE = 32
-
-
-def _downsampled(images: NDArray, factor: int, ndim: int) -> NDArray:
-    """Block means of ``factor`` pixels a side over the last ``ndim`` axes."""
-    # float32: a coarse estimate needs no more, and halves the traffic
-    if factor == 1:
-        return images.astype(np.float32)
-    lead = images.ndim - ndim
-    keep = tuple(slice(0, (s // factor) * factor) for s in images.shape[lead:])
-    x = images[(Ellipsis, *keep)]
-    # an axis at a time, adding its strided views: a reduction over split
-    # axes (mean(axis=...)) is several times slower
-    for axis in range(images.ndim - 1, lead - 1, -1):
-        shape = x.shape
-        split = x.reshape(
-            shape[:axis] + (shape[axis] // factor, factor) + shape[axis + 1 :]
-        )
-        at = (slice(None),) * (axis + 1)
-        acc = split[(*at, 0)].astype(np.float32)
-        for i in range(1, factor):
-            acc += split[(*at, i)]
-        x = acc
-    return x / np.float32(factor**ndim)
 
 
 def _window(shape) -> NDArray:
@@ -54,7 +32,8 @@ def _window(shape) -> NDArray:
 class Coarse:
     """FFT cross-correlation of slices with the mean reference."""
 
-    def __init__(self, refs: References, limit: float) -> None:
+    def __init__(self, refs: References, limit: float, backend) -> None:
+        self._backend = backend
         shape = refs.shape
         self.ndim = len(shape)
         self.factor = max(1, min(shape) // COARSE_SIDE)
@@ -62,7 +41,7 @@ class Coarse:
         self.mask = (
             None
             if refs.mask is None
-            else _downsampled(
+            else block_means(
                 refs.mask.astype(np.float64), self.factor, self.ndim
             )
         )
@@ -81,8 +60,17 @@ class Coarse:
         self.lags = np.stack([g.reshape(-1) for g in grid], axis=1)
         self.allowed = (np.abs(self.lags) <= reach).all(axis=1)
 
+    def _means(self, images: NDArray, factor: int, ndim: int) -> NDArray:
+        if factor == 1:
+            return images.astype(np.float32)
+        lead = images.shape[: images.ndim - ndim]
+        small = tuple(s // factor for s in images.shape[images.ndim - ndim :])
+        out = np.empty(lead + small, np.float32)
+        self._backend.block_means(images, factor, out)
+        return out
+
     def _prepared(self, images: NDArray) -> NDArray:
-        small = _downsampled(images, self.factor, self.ndim)
+        small = self._means(images, self.factor, self.ndim)
         axes = tuple(range(1, small.ndim))
         small = small - small.mean(axis=axes, keepdims=True)
         if self.mask is not None:

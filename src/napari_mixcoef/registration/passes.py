@@ -157,7 +157,7 @@ def register_stack(
     shape = refs.shape
     ndim = len(shape)
     coarse = np.zeros((n_slices, ndim))
-    estimate = Coarse(refs, limit)
+    estimate = Coarse(refs, limit, backend)
     blocks = _blocks(lead_shape, shape)
 
     def work(block) -> None:

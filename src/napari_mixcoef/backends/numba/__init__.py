@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from ...model import spatial
+from ...model import downsample, spatial
 from ...model.constraints import solve
 from ...model.noise import BlockFit
 from ...model.spatial import pack
@@ -337,6 +337,17 @@ class NumbaBackend:
         self._windows.window_meat(
             y, base, which, order, runs, v, columns, twhich, terms, out
         )
+
+    def block_means(self, y, factor, out) -> None:
+        """Compiled for 1-D and 2-D images, else the numpy reference."""
+        if y.ndim == 2:  # 1-D images: rows of one pixel's height
+            self._windows.block_means(
+                y[:, None, :], 1, factor, out[:, None, :]
+            )
+        elif y.ndim == 3:
+            self._windows.block_means(y, factor, factor, out)
+        else:
+            out[...] = downsample.block_means(y, factor, y.ndim - 1)
 
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""

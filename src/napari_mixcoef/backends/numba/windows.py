@@ -128,3 +128,29 @@ def window_meat(
                 acc[e] += s
         for e in range(n_terms):
             out[i, e] += acc[e]
+
+
+@jit
+def block_means(y, fr, fc, out):  # pragma: no cover - compiled
+    """Means of ``fr × fc`` blocks of images ``y`` (m, H, W) into ``out``.
+
+    Each output row first sums its ``fr`` input rows at full width (one
+    vectorized read of each pixel), then the ``fc`` columns of each block.
+    """
+    wt = out.dtype.type
+    rows, cols = out.shape[1], out.shape[2]
+    buf = np.empty(cols * fc, out.dtype)
+    scale = wt(1.0 / (fr * fc))
+    for i in range(y.shape[0]):
+        for r in range(rows):
+            buf[:] = 0
+            for a in range(fr):
+                line = y[i, r * fr + a]
+                for x in range(cols * fc):
+                    buf[x] += wt(line[x])
+            dst = out[i, r]
+            for c in range(cols):
+                s = wt(0)
+                for b in range(fc):
+                    s += buf[c * fc + b]
+                dst[c] = s * scale
