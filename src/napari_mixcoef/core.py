@@ -54,6 +54,10 @@ from .registration import (
 )
 from .residuals import lazy_residuals
 
+#: The spec a registration's reading backend is chosen for: its products
+#: are plain sums whatever the fit's noise model.
+PLAIN = NoiseSpec('gaussian', 'ols', 1.0, 0.0, 0.0)
+
 __all__ = [
     'CONSTRAINTS',
     'MODELS',
@@ -122,10 +126,20 @@ def iter_fit(
         )
         source, reg = stack, None
         if limit is not None:
+            # the joint passes read the stack as stored, with any noise
+            reads = select(backend, stack.dtype, 1, PLAIN, False)
             reg = yield from register_stack(
-                stack, lead_shape, refs, design.model, limit, design.dtype
+                stack,
+                lead_shape,
+                refs,
+                design.model,
+                limit,
+                design.dtype,
+                reads,
             )
-            stack = RegisteredStack(source, lead_shape, reg, design.dtype)
+            stack = RegisteredStack(
+                source, lead_shape, reg, design.dtype, reads
+            )
             with warnings.catch_warnings():  # the whole grid's warned once
                 warnings.simplefilter('ignore', CollinearityWarning)
                 design = make_design(
@@ -164,7 +178,7 @@ def iter_fit(
         shift = shift_stderr = failed = None
         if reg is not None:
             shift_stderr = shift_errors(
-                reg, source, lead_shape, spec.stderr, outcome.rho
+                reg, source, lead_shape, spec.stderr, outcome.rho, reads
             )
             shift = reg.shift.reshape(lead_shape + reg.shift.shape[1:])
             shift_stderr = shift_stderr.reshape(shift.shape)

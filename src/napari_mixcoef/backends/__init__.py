@@ -20,6 +20,15 @@ A backend reduces blocks of slices, read as stored (any real dtype, 2-D
     the lag sums of :func:`~..model.spatial.noise_correlation`;
 ``correlate(images, kernel)``
     the images of :func:`~..model.spatial.smoothed` (the sandwich terms);
+``window_products(y, base, which, runs, centre, columns, b, yy)``
+    the registration's products of slices read over a moved box
+    (:mod:`~..model.windows`);
+``window_fill(y, base, which, runs, coef, rows, out)``
+    the registered slices: read over a moved box plus a correction;
+``window_meat(y, base, which, runs, v, columns, twhich, terms, out)``
+    the sandwich sums ``Σ r²·terms`` of the joint fit's residuals;
+``block_means(y, factor, out)``
+    the coarse estimate's block means of images ``y`` (m, *shape);
 ``supports(dtype, k, spec, constrained)``
     whether it does all of the above for a fit like that.
 
@@ -72,6 +81,22 @@ class Backend(Protocol):
 
     def correlate(self, images: NDArray, kernel: NDArray) -> NDArray:
         """Each image correlated with the kernel, zero outside it."""
+
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Add each slice's products over its moved box into ``b``, ``yy``."""
+
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Write each slice over its moved box plus its correction."""
+
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Add each slice's ``Σ r²·terms`` over its moved box to ``out``."""
+
+    def block_means(self, y: NDArray, factor: int, out: NDArray) -> None:
+        """Write the means of ``factor``-sided blocks of ``y`` into ``out``."""
 
     def warm_up(self) -> None:
         """Prepare (compile) what the default fits use."""

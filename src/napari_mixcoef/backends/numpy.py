@@ -12,7 +12,7 @@ import threading
 import numpy as np
 from numpy.typing import NDArray
 
-from ..model import noise, pixelwise, spatial
+from ..model import downsample, noise, pixelwise, spatial, windows
 
 __all__ = ['NumpyBackend', 'centred']
 
@@ -115,6 +115,30 @@ class NumpyBackend:
     def correlate(self, images, kernel) -> NDArray:
         """``scipy.ndimage.correlate``, image by image."""
         return spatial.numpy_correlate(images, kernel)
+
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Gather each bin's rows and multiply (:mod:`.model.windows`)."""
+        windows.numpy_window_products(
+            y, base, which, runs, centre, columns, b, yy
+        )
+
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Gather each bin's rows and add one GEMM's correction."""
+        windows.numpy_window_fill(y, base, which, runs, coef, rows, out)
+
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Gather each bin's rows; residuals and their sums by GEMMs."""
+        windows.numpy_window_meat(
+            y, base, which, runs, v, columns, twhich, terms, out
+        )
+
+    def block_means(self, y, factor, out) -> None:
+        """Add strided views an axis at a time (:mod:`.model.downsample`)."""
+        out[...] = downsample.block_means(y, factor, y.ndim - 1)
 
     def warm_up(self) -> None:
         """Nothing to prepare."""

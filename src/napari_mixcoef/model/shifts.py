@@ -11,24 +11,24 @@ order in ``δ = f − f0`` (|δ| ≤ 1/(2·BINS))
 
     m(p − f) ≈ Σ_k w_k R_k^{f0}(p) + Σ_j δ_j Σ_k w_k ∂_j R_k^{f0}(p) + c,
 
-a vector ``v(θ, δ) = [w, δ_1 w, …, δ_d w, c]`` on the shared columns.
-One pass of products ``Bᵀy`` per slice then gives everything: the joint
-least-squares fit of the model's parameters ``θ`` and of ``δ`` is a
-small Gauss–Newton problem on the sums (:func:`joint_fit`), and its
-covariance comes from the same Jacobian (:func:`joint_covariance`).
+a vector ``v(θ, δ) = [w, δ_1 w, …, δ_d w, c]`` on the shared columns
+(the bins' designs are made in :mod:`.bins`).  One pass of products
+``Bᵀy`` per slice then gives everything: the joint least-squares fit
+of the model's parameters ``θ`` and of ``δ`` is a small Gauss–Newton
+problem on the sums (:func:`joint_fit`), and its covariance comes from
+the same Jacobian (:func:`joint_covariance`).
 The neglected second order, ``½δ²∂²m``, is below a thousandth of the
 image's curvature at 8 bins per pixel.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from .spatial import sandwich_terms, smoothed, unpack
+from .bins import BINS, BinDesign, ShiftedDesigns
+from .spatial import unpack
 
 __all__ = [
     'BINS',
@@ -39,216 +39,8 @@ __all__ = [
     'structure_z',
 ]
 
-#: Bins per pixel of the fractional shift (see the module notes).
-BINS = 8
 #: Gauss–Newton iterations on the sums of one pass.
 ITERATIONS = 6
-
-
-@dataclass(frozen=True, eq=False)
-class BinDesign:
-    """The shared columns of one bin of fractional shifts.
-
-    Attributes
-    ----------
-    f0 : (d,) ndarray
-        The bin's fractional shift (pixels).
-    columns : (P, n_box) ndarray of float64
-        ``[R_k^{f0}, ∂_1R_k^{f0}, …, ∂_dR_k^{f0}, 1]`` over every pixel of
-        the box, ``P = K(1 + d) + 1``.
-    fitted : (n_fit,) ndarray of intp
-        The fitted pixels of the box (flat indices).
-    gram : (P, P) ndarray of float64
-        ``BᵀB`` over the fitted pixels.
-    moved : (K, n_box) ndarray of float64
-        ``R_k − R_k^{f0}``: what the bin's shift does to each reference.
-    """
-
-    f0: NDArray[np.float64]
-    columns: NDArray[np.float64]
-    fitted: NDArray[np.intp]
-    gram: NDArray[np.float64]
-    moved: NDArray[np.float64]
-    _ndim: int = 2
-
-    def products(self, data: NDArray, dtype) -> tuple[NDArray, NDArray]:
-        """``Bᵀy`` and ``Σy²`` of slices over the fitted pixels.
-
-        Parameters
-        ----------
-        data : (m, *box) ndarray
-            The slices over the box, as stored (a strided view will do).
-        dtype : dtype
-            Working float type: the slices are centred on the bin's mean
-            reference in it (as the engine's sums are), the centre's own
-            products added in float64.
-
-        Returns
-        -------
-        b : (m, P) ndarray of float64
-        yy : (m,) ndarray of float64
-        """
-        cached = self.__dict__.get('_centred')
-        if cached is None or cached[0] != np.dtype(dtype):
-            k = (len(self.columns) - 1) // (1 + self._ndim)
-            outside = np.ones(self.columns.shape[1], bool)
-            outside[self.fitted] = False
-            columns = self.columns.copy()
-            columns[:, outside] = 0.0  # pixels outside the mask add nothing
-            centre = columns[:k].mean(axis=0)
-            cached = (
-                np.dtype(dtype),
-                centre.astype(dtype).reshape(data.shape[1:]),
-                np.ascontiguousarray(columns.T, dtype=dtype),
-                columns @ centre,
-                float(centre @ centre),
-                k,
-                outside if outside.any() else None,
-            )
-            object.__setattr__(self, '_centred', cached)
-        _, centre, columns, b_centre, norm2, k, outside = cached
-        yc = np.subtract(data, centre, dtype=centre.dtype)
-        yc = yc.reshape(len(yc), -1)
-        if outside is not None:
-            yc[:, outside] = 0
-        bc = np.dot(yc, columns).astype(np.float64)
-        yy = np.einsum('mp,mp->m', yc, yc, dtype=np.float64)
-        # Σy² = Σy_c² + 2 M·y_c + ‖M‖², M the mean of the first K columns
-        yy += 2 * bc[:, :k].mean(axis=1) + norm2
-        return bc + b_centre, yy
-
-    def terms(self, rho: NDArray, box_shape) -> NDArray[np.float64]:
-        """Sandwich terms of the columns, ``(P(P+1)/2, n_fit)``.
-
-        The spatial HAC terms of :mod:`.spatial` for the noise kernel
-        ``rho``: ``Ω_B = Σ_p r_p² terms[:, p]``.
-        """
-        cached = self.__dict__.get('_terms')
-        if cached is None or cached[0] is not rho:
-            images = np.zeros_like(self.columns)
-            images[:, self.fitted] = self.columns[:, self.fitted]
-            smooth = smoothed(images.reshape((-1, *box_shape)), rho)
-            smooth = smooth.reshape(len(images), -1)
-            terms = sandwich_terms(images, smooth)[:, self.fitted]
-            cached = (rho, np.ascontiguousarray(terms))
-            object.__setattr__(self, '_terms', cached)
-        return cached[1]
-
-
-class ShiftedDesigns:
-    """The bins' designs over a box of the references, made on first use.
-
-    Parameters
-    ----------
-    images : (K, *shape) ndarray of float64
-        The references.
-    box : tuple of slice
-        The part of the reference grid that every registered slice covers.
-    mask : (*shape) ndarray of bool or None
-        The fitted pixels (None: all).
-    """
-
-    def __init__(self, images: NDArray, box: tuple, mask) -> None:
-        self.k = images.shape[0]
-        self.ndim = images.ndim - 1
-        self.box = box
-        # the spline coefficients once, mirrored by the taps' reach; each
-        # bin evaluates them (and their derivatives) with separable taps
-        self._coef = [
-            np.pad(
-                ndimage.spline_filter(im, order=3, mode='mirror'), 2, 'reflect'
-            )
-            for im in images
-        ]
-        self._plain = np.stack([im[box] for im in images]).reshape(self.k, -1)
-        inside = np.ones(self._plain.shape[1], bool)
-        if mask is not None:
-            inside = np.asarray(mask, bool)[box].reshape(-1)
-        self.fitted = np.flatnonzero(inside)
-        self._cache: dict[tuple[int, ...], BinDesign] = {}
-
-    @property
-    def box_shape(self) -> tuple[int, ...]:
-        """Shape of the box."""
-        return tuple(s.stop - s.start for s in self.box)
-
-    @property
-    def width(self) -> int:
-        """Shared columns per bin, ``P = K(1 + d) + 1``."""
-        return self.k * (1 + self.ndim) + 1
-
-    def _evaluated(self, coef: NDArray, f0: NDArray) -> list[NDArray]:
-        """``R(p − f0)`` and its derivatives in ``f`` over the box.
-
-        The cubic spline's 5 taps per axis: values ``β₃(−f − t)``, and
-        ``−β₃'(−f − t)`` along the axis being differentiated.
-        """
-        parts = {None: coef}
-        for axis, (part, f) in enumerate(zip(self.box, f0)):
-            taps = np.arange(-2, 3)
-            u = -f - taps
-            weight, slope = _bspline3(u), -_bspline3_slope(u)
-            done = {}
-            for which, values in parts.items():
-                done[which] = _taps(values, axis, part, weight)
-                if which is None:
-                    done[axis] = _taps(values, axis, part, slope)
-            parts = done
-        order = [None, *range(self.ndim)]
-        return [parts[w].reshape(-1) for w in order]
-
-    def get(self, key: tuple[int, ...]) -> BinDesign:
-        """Return the design of bin ``key`` (``f0 = key / BINS``)."""
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        f0 = np.asarray(key, np.float64) / BINS
-        each = [self._evaluated(c, f0) for c in self._coef]
-        # rows: R_k, then ∂_1 R_k for every k, …, then the constant
-        rows = [np.stack([e[j] for e in each]) for j in range(self.ndim + 1)]
-        rows.append(np.ones((1, rows[0].shape[1])))
-        columns = np.vstack(rows)
-        part = columns[:, self.fitted]
-        hit = self._cache[key] = BinDesign(
-            f0=f0,
-            columns=columns,
-            fitted=self.fitted,
-            gram=part @ part.T,
-            moved=self._plain - rows[0],
-            _ndim=self.ndim,
-        )
-        return hit
-
-
-def _bspline3(u: NDArray) -> NDArray:
-    """Return the cubic B-spline at ``u``."""
-    a = np.abs(u)
-    return np.where(
-        a < 1,
-        2 / 3 - a * a + a**3 / 2,
-        np.where(a < 2, (2 - a) ** 3 / 6, 0.0),
-    )
-
-
-def _bspline3_slope(u: NDArray) -> NDArray:
-    """Return the cubic B-spline's derivative at ``u``."""
-    a = np.abs(u)
-    inner = -2 * a + 1.5 * a * a
-    outer = -((2 - a) ** 2) / 2
-    return np.sign(u) * np.where(a < 1, inner, np.where(a < 2, outer, 0.0))
-
-
-def _taps(values: NDArray, axis: int, part: slice, weights) -> NDArray:
-    """``Σ_t w_t c[p + t]`` along ``axis`` for ``p`` in ``part``.
-
-    ``values`` is padded by 2 along the axes not yet evaluated.
-    """
-    out = 0.0
-    for t, w in zip(range(-2, 3), weights):
-        index = [slice(None)] * values.ndim
-        index[axis] = slice(part.start + 2 + t, part.stop + 2 + t)
-        out = out + w * values[tuple(index)]
-    return out
 
 
 def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:
@@ -402,8 +194,13 @@ def joint_meat(
     -------
     (m, k + d, k + d) ndarray
     """
+    return meat_of(r2 @ terms.T, theta, delta, model)
+
+
+def meat_of(sums: NDArray, theta, delta, model) -> NDArray[np.float64]:
+    """``JᵀΩ_BJ`` from the sums ``Σ_p r_p² terms[:, p]``, ``(m, T)``."""
     width = _vector(theta[:1], delta[:1], model).shape[1]
-    omega = unpack(r2 @ terms.T, width)
+    omega = unpack(sums, width)
     jac = _jacobian(theta, delta, model)
     return np.einsum('mpa,mpq,mqb->mab', jac, omega, jac)
 
@@ -448,18 +245,28 @@ def structure_z(
         return cross / (sigma * np.sqrt(np.maximum(norm2, 0.0)))
 
 
-def correction(design: BinDesign, theta, delta, model) -> NDArray:
-    """``m̂(p) − m̂(p − f)`` over the box: what registers the rest ``f``.
+def correction_coef(theta, delta, model) -> NDArray:
+    """Weights of :func:`correction_rows` that register the rest ``f``.
 
-    Noise-free: from the references and the fit alone, ``Σ_k ŵ_k (R_k −
-    R_k^{f0}) − Σ_j δ_j Σ_k ŵ_k ∂_jR_k^{f0}``, ``(m, n_box)``.
+    ``m̂(p) − m̂(p − f) = Σ_k ŵ_k (R_k − R_k^{f0}) − Σ_j δ_j Σ_k ŵ_k
+    ∂_jR_k^{f0}``: noise-free, from the references and the fit alone;
+    ``[ŵ, −δ_1ŵ, …, −δ_dŵ]``, ``(m, K(1 + d))``.
     """
     w = model.weight0 + theta @ model.weight_map.T
-    big_k = model.n_references
-    out = w @ design.moved
-    for j in range(delta.shape[1]):
-        rows = design.columns[big_k * (1 + j) : big_k * (2 + j)]
-        out -= (delta[:, j : j + 1] * w) @ rows
+    parts = [w] + [-delta[:, j : j + 1] * w for j in range(delta.shape[1])]
+    return np.concatenate(parts, axis=1)
+
+
+def correction_rows(design: BinDesign, out: NDArray | None = None) -> NDArray:
+    """``[R_k − R_k^{f0}, ∂_1R_k^{f0}, …]`` over the box, ``(K(1+d), n)``.
+
+    Written into ``out`` (any float dtype) when given.
+    """
+    k = design.moved.shape[0]
+    if out is None:
+        out = np.empty((len(design.columns) - 1, design.columns.shape[1]))
+    out[:k] = design.moved
+    out[k:] = design.columns[k:-1]
     return out
 
 

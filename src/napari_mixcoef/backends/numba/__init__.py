@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
-from ...model import spatial
+from ...model import downsample, spatial
 from ...model.constraints import solve
 from ...model.noise import BlockFit
 from ...model.spatial import pack
@@ -48,7 +48,7 @@ DTYPES = frozenset(
 def make_backend():
     """Return the numba backend, or None when numba is not installed."""
     try:
-        from . import irls, kernels, pixels, tiny  # noqa: F401 - imports numba
+        from . import irls, kernels, pixels, tiny, windows  # noqa: F401
     except ImportError:
         return None
     return NumbaBackend()
@@ -60,9 +60,10 @@ class NumbaBackend:
     name = 'numba'
 
     def __init__(self) -> None:
-        from . import irls, kernels, pixels, tiny
+        from . import irls, kernels, pixels, tiny, windows
 
         self._kernels = kernels
+        self._windows = windows
         self._pixels = pixels
         self._irls = irls
         self._tiny = tiny
@@ -314,8 +315,47 @@ class NumbaBackend:
         )
         return out
 
+    def window_products(
+        self, y, base, which, runs, centre, columns, b, yy
+    ) -> None:
+        """Each slice's products over its moved box, one compiled pass."""
+        self._windows.window_products(
+            y, base, which, _by_bin(which), runs, centre, columns, b, yy
+        )
+
+    def window_fill(self, y, base, which, runs, coef, rows, out) -> None:
+        """Each registered slice in one compiled pass."""
+        self._windows.window_fill(
+            y, base, which, _by_bin(which), runs, coef, rows, out
+        )
+
+    def window_meat(
+        self, y, base, which, runs, v, columns, twhich, terms, out
+    ) -> None:
+        """Each slice's residual sums over its moved box, one pass."""
+        order = np.lexsort((twhich, which))
+        self._windows.window_meat(
+            y, base, which, order, runs, v, columns, twhich, terms, out
+        )
+
+    def block_means(self, y, factor, out) -> None:
+        """Compiled for 1-D and 2-D images, else the numpy reference."""
+        if y.ndim == 2:  # 1-D images: rows of one pixel's height
+            self._windows.block_means(
+                y[:, None, :], 1, factor, out[:, None, :]
+            )
+        elif y.ndim == 3:
+            self._windows.block_means(y, factor, factor, out)
+        else:
+            out[...] = downsample.block_means(y, factor, y.ndim - 1)
+
     def warm_up(self) -> None:
         """Nothing here: :func:`napari_mixcoef.core.warm_up` runs fits."""
+
+
+def _by_bin(which: NDArray) -> NDArray[np.intp]:
+    """Rows in the order of their bins (slices of a bin one after another)."""
+    return np.argsort(which, kind='stable')
 
 
 def _dot_rows(a: NDArray, b: NDArray) -> NDArray:

@@ -1,0 +1,103 @@
+"""The shifts' standard errors (step 4 of a registered fit)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..model import shifts as sm
+from ..model.design import meat_sample
+from ..model.windows import base_of, window_runs
+from .passes import Registration, _blocks, _keys, _on_threads, _read
+
+__all__ = ['TERMS_COARSER', 'shift_errors']
+
+
+def shift_errors(
+    reg: Registration, stack, lead_shape, stderr: str, rho, backend
+) -> NDArray[np.float64]:
+    """Return the shifts' standard errors, ``(n, d)`` (NaN where failed).
+
+    ``stderr="ols"``: ``σ̂²H⁻¹`` of the joint fit.  ``"auto"``: the
+    sandwich with the spatial HAC terms of the noise kernel ``rho`` (the
+    coefficients' own), from one more pass over the residuals (the
+    backend's ``window_meat``), summed over the engine's fixed sample of
+    pixels (:func:`~.model.design.meat_sample`) where a slice has many.
+    """
+    designs = reg.designs
+    n = len(designs.fitted)
+    k = reg.model.k
+    meat = None
+    if stderr == 'auto' and rho is not None:
+        meat = _meat(reg, stack, lead_shape, rho, backend)
+    cov = sm.joint_covariance(reg.hessian, reg.ssr, n, meat)
+    var = np.diagonal(cov, axis1=1, axis2=2)[:, k:]
+    err = np.sqrt(np.maximum(var, 0.0))
+    err[reg.failed] = np.nan
+    return err
+
+
+def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
+    """Return the sandwich's middle of every joint fit, ``(n, f, f)``."""
+    designs = reg.designs
+    n = len(designs.fitted)
+    shape = designs.box_shape
+    full = designs.full_shape
+    inside = np.zeros(math.prod(shape), bool)
+    inside[designs.fitted] = True
+    sample, scale = meat_sample(
+        inside, inside.size, n, reg.model.k + len(shape)
+    )
+    picked = designs.fitted if sample is None else np.flatnonzero(sample)
+    where = np.searchsorted(designs.fitted, picked)  # in the terms
+    keys, which = _keys(reg.key)
+    coarse, twhich = _keys(np.array([_coarser(key) for key in keys]))
+    twhich = twhich[which]
+    wt = reg.dtype
+    # C order: the kernel reads each row along the pixels
+    columns = np.ascontiguousarray(
+        np.stack([designs.get(key).columns[:, picked] for key in keys]), wt
+    )
+    terms = np.ascontiguousarray(
+        np.stack(
+            [designs.get(key).terms(rho, shape)[:, where] for key in coarse]
+        ),
+        wt,
+    )
+    v = np.ascontiguousarray(sm._vector(reg.theta, reg.delta, reg.model), wt)
+    runs = window_runs(designs.box, full, picked)
+    base = base_of(reg.offset, full)
+    sums = np.zeros((len(v), terms.shape[1]))
+
+    def work(block) -> None:
+        for start, y in _read(stack, lead_shape, full, block):
+            rows = slice(start, start + len(y))
+            with np.errstate(invalid='ignore', over='ignore'):
+                backend.window_meat(
+                    y.reshape(len(y), -1),
+                    base[rows],
+                    which[rows],
+                    runs,
+                    v[rows],
+                    columns,
+                    twhich[rows],
+                    terms,
+                    sums[rows],
+                )
+
+    for _ in _on_threads(_blocks(lead_shape, full), work, len(v)):
+        pass
+    with np.errstate(invalid='ignore', over='ignore'):
+        return scale * sm.meat_of(sums, reg.theta, reg.delta, reg.model)
+
+
+#: The sandwich's terms vary slowly with the fractional shift: they are
+#: shared by bins this many times wider than the design's.
+TERMS_COARSER = 4
+
+
+def _coarser(key: tuple[int, ...]) -> tuple[int, ...]:
+    """Return the bin whose sandwich terms bin ``key`` borrows."""
+    return tuple(int(round(k / TERMS_COARSER)) * TERMS_COARSER for k in key)
