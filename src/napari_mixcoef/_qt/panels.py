@@ -367,16 +367,7 @@ class CoefficientPanel:
         ax.yaxis.set_major_locator(MaxNLocator(nbins=2))
         ax.set_ylabel(self.label)
         if len(shown) > 1:  # which line is which
-            ax.legend(
-                *zip(*shown),
-                loc='upper right',
-                fontsize=7,
-                ncol=len(shown),
-                frameon=False,
-                labelcolor=colors['text'],
-                handlelength=2.0,
-                borderaxespad=0.1,
-            )
+            _legend(ax, shown, colors, framed=False)
 
 
 class ShiftPanel:
@@ -452,20 +443,32 @@ class ShiftPanel:
         ax.yaxis.set_major_locator(MaxNLocator(nbins=3))
         ax.set_ylabel('shift\n(px)')
         # framed: the lines pass under it, the names stay readable
-        ax.legend(
-            *zip(*shown),
-            loc='upper right',
-            fontsize=7,
-            ncol=len(shown),
-            frameon=True,
-            facecolor=colors['foreground'],
-            edgecolor=colors['secondary'],
-            framealpha=0.85,
-            labelcolor=colors['text'],
-            handlelength=2.0,
-            borderaxespad=0.2,
-            borderpad=0.2,
-        )
+        _legend(ax, shown, colors, framed=True)
+
+
+def _legend(ax, shown: list, colors: dict, *, framed: bool) -> None:
+    """One row of ``(handle, name)`` pairs at a panel's top right."""
+    frame = (
+        {
+            'frameon': True,
+            'facecolor': colors['foreground'],
+            'edgecolor': colors['secondary'],
+            'framealpha': 0.85,
+            'borderaxespad': 0.2,
+            'borderpad': 0.2,
+        }
+        if framed
+        else {'frameon': False, 'borderaxespad': 0.1}
+    )
+    ax.legend(
+        *zip(*shown),
+        loc='upper right',
+        fontsize=7,
+        ncol=len(shown),
+        labelcolor=colors['text'],
+        handlelength=2.0,
+        **frame,
+    )
 
 
 class R2Panel:
