@@ -399,7 +399,7 @@ def test_warm_up_leaves_nothing_to_compile():
         kernels.sums_single,
         kernels.sums_many,
         kernels.residual_sums,
-        kernels.residual_squares,
+        kernels.sampled_meat,
         kernels.lag_products,
         kernels.correlate_rows,
         irls.fit_rows,

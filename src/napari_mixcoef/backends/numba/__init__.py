@@ -236,23 +236,24 @@ class NumbaBackend:
         )
 
     def _meat(self, y, view, z) -> NDArray:
-        """``Σ r²·terms`` over the meat's sample: squares, then one GEMM."""
+        """``Σ r²·terms`` over the meat's sample, one compiled pass."""
         if self._is_tiny(view):  # every fitted pixel: no sample
             out = np.zeros((len(y), 1 + view.terms.shape[0]))
             self.residual_sums(y, view, z, view.terms, out)
             return out[:, 1:]
         terms = view.meat_terms
         centre, basis = view.meat_design
-        squares = np.empty((len(y), terms.shape[1]), view.dtype)
-        self._kernels.residual_squares(
+        out = np.zeros((len(y), terms.shape[0]))
+        self._kernels.sampled_meat(
             y,
             view.sampled().runs(self._kernels.RUN),
             centre,
             basis,
             np.ascontiguousarray(z, dtype=np.float64),
-            squares,
+            terms,
+            out,
         )
-        return _dot_rows(squares, terms).astype(np.float64)
+        return out
 
     def fit_pixels(self, y, maps, out) -> None:
         """Each slice read once, its numbers written once (one call)."""
@@ -356,22 +357,6 @@ class NumbaBackend:
 def _by_bin(which: NDArray) -> NDArray[np.intp]:
     """Rows in the order of their bins (slices of a bin one after another)."""
     return np.argsort(which, kind='stable')
-
-
-def _dot_rows(a: NDArray, b: NDArray) -> NDArray:
-    """Return ``a @ b.T`` of (rows, n) and (P, n), a few rows per BLAS call.
-
-    OpenBLAS's small products are several times slower for some row
-    counts (benchmarks/README.md, "The meat of K references"); four rows
-    at a time stay near its best for every width.
-    ``np.dot`` (not ``@``) releases the GIL: the chunk threads overlap.
-    """
-    if len(b) <= 16:
-        return np.dot(a, b.T)
-    out = np.empty((len(a), len(b)), np.result_type(a, b))
-    for i in range(0, len(a), 4):
-        np.dot(a[i : i + 4], b.T, out=out[i : i + 4])
-    return out
 
 
 def _runs_of_true(flags: NDArray[np.bool_]) -> list[tuple[int, int]]:

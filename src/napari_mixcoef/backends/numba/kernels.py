@@ -21,7 +21,7 @@ FLAGS = frozenset({'reassoc', 'contract', 'nsz', 'arcp'})
 
 #: Most pixels in one working-dtype partial sum (float32 keeps ~7 digits
 #: over a few hundred terms).
-RUN = 512
+RUN = 2048
 
 #: Bytes of basis (and term) vectors one band may hold: they stay in a
 #: core's L2 cache while every slice of the block passes over them.
@@ -352,40 +352,76 @@ def residual_sums(y, centre, basis, z, k, terms, runs, out):
                     out[i + r, mm] += tot[r, mm]
 
 
-@jit
-def residual_squares(y, runs, centre, basis, z, out):  # pragma: no cover
-    """Write ``r²`` of ``r = y_c − Σ_j z_j q_j`` at the pixels of ``runs``.
+@numba.njit(inline='always', fastmath=set(FLAGS))
+def _four_add(s, a, b, c, d, t):  # pragma: no cover - compiled
+    """Add ``a·t, b·t, c·t, d·t`` to the 4-tuple ``s``."""
+    return (s[0] + a * t, s[1] + b * t, s[2] + c * t, s[3] + d * t)
 
-    ``centre`` (n_s,) and ``basis`` (k, n_s) are the design at those
-    pixels, compacted in the order of the runs, and so is ``out`` (rows,
-    n_s) in the working dtype: a BLAS product with the sandwich terms of
-    the same pixels then gives the meat.  One row at a time: the runs are
-    gathered and centred into the row of ``out``, then each basis vector
-    is one long vectorized pass over it in L1 (the sample's runs are a
-    few dozen pixels: a pass per run would be mostly loop overhead).
+
+@jit
+def sampled_meat(y, runs, centre, basis, z, terms, out):  # pragma: no cover
+    """Add ``Σ_p r_p²·terms[m, p]`` over the meat's sample into ``out``.
+
+    ``r = y_c − Σ_j z_j q_j`` at the pixels of ``runs``; ``centre`` (n_s,),
+    ``basis`` (k, n_s) and ``terms`` (P, n_s) are the design and the
+    sandwich terms at those pixels, compacted in the order of the runs, in
+    the working dtype; ``out`` (rows, P) float64.  Four rows side by side:
+    their runs are gathered and centred into a buffer (the four rows'
+    reads overlap), each basis vector is one long vectorized pass over it,
+    then each four terms are one pass of sixteen sums (four rows × four
+    terms share every load).  A short last group repeats its last row;
+    those sums are dropped.
     """
     rows = y.shape[0]
     k = basis.shape[0]
     n = centre.shape[0]
+    n_terms = terms.shape[0]
     wt = centre.dtype.type
-    for i in range(rows):
-        row = y[i]
-        dest = out[i]
+    zero = wt(0)
+    buf = np.empty((4, n), centre.dtype)
+    last = rows - 1
+    for i in range(0, rows, 4):
         o = 0
         for g in range(runs.shape[0]):
             p0, p1 = runs[g, 0], runs[g, 1]
             m = p1 - p0
-            # slices, not dest[o + p]: offset indices defeat vectorizing
-            src, cs, part = row[p0:p1], centre[o : o + m], dest[o : o + m]
-            for p in range(m):
-                part[p] = wt(src[p]) - cs[p]
+            cs = centre[o : o + m]
+            for r in range(4):
+                # slices, not buf[r, o + p]: offset indices defeat vectorizing
+                src, part = y[min(i + r, last), p0:p1], buf[r, o : o + m]
+                for p in range(m):
+                    part[p] = wt(src[p]) - cs[p]
             o += m
-        for j in range(k):
-            q, cj = basis[j], wt(z[i, j])
+        for r in range(4):
+            dest = buf[r]
+            for j in range(k):
+                q, cj = basis[j], wt(z[min(i + r, last), j])
+                for p in range(n):
+                    dest[p] -= cj * q[p]
             for p in range(n):
-                dest[p] -= cj * q[p]
-        for p in range(n):
-            dest[p] *= dest[p]
+                dest[p] *= dest[p]
+        a, b, c, d = buf[0], buf[1], buf[2], buf[3]
+        for m0 in range(0, n_terms, 4):
+            m1 = min(m0 + 1, n_terms - 1)
+            m2 = min(m0 + 2, n_terms - 1)
+            m3 = min(m0 + 3, n_terms - 1)
+            t0, t1, t2, t3 = terms[m0], terms[m1], terms[m2], terms[m3]
+            s0 = s1 = s2 = s3 = (zero, zero, zero, zero)
+            for p in range(n):
+                ap, bp, cp, dp = a[p], b[p], c[p], d[p]
+                s0 = _four_add(s0, ap, bp, cp, dp, t0[p])
+                s1 = _four_add(s1, ap, bp, cp, dp, t1[p])
+                s2 = _four_add(s2, ap, bp, cp, dp, t2[p])
+                s3 = _four_add(s3, ap, bp, cp, dp, t3[p])
+            for r in range(min(4, rows - i)):
+                # a term repeated past the last one is dropped
+                out[i + r, m0] += s0[r]
+                if m1 > m0:
+                    out[i + r, m1] += s1[r]
+                if m2 > m1:
+                    out[i + r, m2] += s2[r]
+                if m3 > m2:
+                    out[i + r, m3] += s3[r]
 
 
 @jit
