@@ -985,7 +985,7 @@ def bench_k_profile(n: int, repeat: int) -> None:
 def _k_profile_rows(n: int, k: int, repeat: int) -> list[tuple[str, ...]]:
     from napari_mixcoef.backends import get_backend
     from napari_mixcoef.engine.blocks import pixel_range, plan_blocks
-    from napari_mixcoef.engine.fit import noise_kernel, sandwich_rows
+    from napari_mixcoef.engine.fit import noise_kernel, sample_terms
     from napari_mixcoef.engine.local import IN_MEMORY_BLOCK_BYTES, Views
     from napari_mixcoef.engine.threads import fit_settings
     from napari_mixcoef.model.design import make_design
@@ -998,7 +998,7 @@ def _k_profile_rows(n: int, k: int, repeat: int) -> list[tuple[str, ...]]:
     checked = checked_references(refs)
     design = make_design(checked, 'mix', s32.dtype)
     rho = noise_kernel(s32, (n,), design, spec, backend, 'raise', [])
-    views = Views(design, terms=sandwich_rows(design, rho, backend))
+    views = Views(design, calibrated=sample_terms(design, rho, backend))
     groups = plan_blocks((n,), design.shape, 4, IN_MEMORY_BLOCK_BYTES)
     blocks = [b for group in groups for b in group]
     flat = s32.reshape(n, -1)
@@ -1023,7 +1023,7 @@ def _k_profile_rows(n: int, k: int, repeat: int) -> list[tuple[str, ...]]:
         'kernel': lambda: noise_kernel(
             s32, (n,), design, spec, backend, 'raise', []
         ),
-        'terms': lambda: sandwich_rows(design, rho, backend),
+        'terms': lambda: sample_terms(design, rho, backend),
         'sums': lambda: blocks_loop(False),
         'blocks': lambda: blocks_loop(True),
     }

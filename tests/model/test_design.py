@@ -7,7 +7,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from napari_mixcoef import CollinearityWarning
-from napari_mixcoef.engine.fit import sandwich_rows
+from napari_mixcoef.engine.fit import sample_terms, sandwich_rows
 from napari_mixcoef.model.design import MEAT_PIXELS, make_design, make_view
 from napari_mixcoef.model.references import checked_references
 
@@ -67,6 +67,12 @@ def test_meat_sample_is_calibrated_to_every_pixel():
     every = view.terms[:, mask.reshape(-1)].astype(np.float64).sum(axis=1)
     weighted = view.meat_terms.astype(np.float64).sum(axis=1)
     assert_allclose(weighted, every, rtol=1e-5)
+    # made from the sample's pixels alone, the same calibrated terms (the
+    # full terms are rounded to float32 before they are picked)
+    alone = sample_terms(design, rho).astype(np.float64)
+    scale = np.abs(view.meat_terms).max()
+    assert_allclose(alone, view.meat_terms, rtol=1e-4, atol=1e-6 * scale)
+    assert_allclose(alone.sum(axis=1), every, rtol=1e-5)
     # the sample is the same in every fit of this design
     again = make_design(checked_references(refs, mask), 'mix', np.float32)
     assert np.array_equal(again.meat, design.meat)

@@ -33,11 +33,13 @@ from ..backends.numpy import centred
 from ..model import noise as noise_models
 from ..model.assemble import stats_arrays
 from ..model.constraints import solve
+from ..model.design import calibrated_terms
 from ..model.noise import NoiseSpec
 from ..model.pixelwise import make_maps
 from ..model.spatial import (
     MAX_LAG,
     noise_correlation,
+    pair_index,
     sandwich_terms,
     smoothed,
     white_kernel,
@@ -182,6 +184,23 @@ def sandwich_rows(design, rho: np.ndarray, backend=None) -> np.ndarray:
     return sandwich_terms(columns, smooth, design.dtype)
 
 
+def sample_terms(design, rho: np.ndarray, backend=None) -> np.ndarray:
+    """Return the meat's calibrated terms at its sample only, ``(P, n_s)``.
+
+    What :attr:`DesignView.meat_terms` makes from :func:`sandwich_rows`,
+    without the terms at the other pixels: their sums over the image are
+    the pairs of one ``k × k`` product ``Q (ρ⋆Q)ᵀ``.
+    """
+    columns = design.basis.astype(np.float64)
+    smooth = smoothed_basis(design, rho, backend)
+    index = np.flatnonzero(design.meat)
+    picked = sandwich_terms(columns[:, index], smooth[:, index])
+    gram = columns @ smooth.T
+    a, b = np.array(pair_index(design.k)).T
+    total = 0.5 * (gram[a, b] + gram[b, a])
+    return calibrated_terms(picked, total, design.meat_scale, design.dtype)
+
+
 def pixelwise(design, spec: NoiseSpec, constraint, stack) -> bool:
     """Whether the slices are fitted one by one (the **pixels** route)."""
     return (
@@ -276,12 +295,16 @@ def iter_stats(
             check_rows,
         )
         return FitOutcome(out.arrays(lead_shape), rho, notes, finite.indices())
-    if spec.stderr == 'auto':
-        terms = sandwich_rows(design, rho, backend)
     dask = is_dask(stack)
     sums_only = spec.noise == 'gaussian' and (spec.stderr == 'ols' or k == 1)
+    calibrated = None
+    if spec.stderr == 'auto':
+        if sums_only or design.meat is None:
+            terms = sandwich_rows(design, rho, backend)
+        else:  # the meat reads its sample's terms only
+            calibrated = sample_terms(design, rho, backend)
     hac = terms[0] if (terms is not None and sums_only) else None
-    views = local.Views(design, hac=hac, terms=terms)
+    views = local.Views(design, hac=hac, terms=terms, calibrated=calibrated)
     if sums_only:
         layout = SumsLayout(k, hac=hac is not None)
 

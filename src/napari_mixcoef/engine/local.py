@@ -45,9 +45,9 @@ PIXEL_BLOCK_BYTES = 1 << 20
 class Views:
     """The design over each band of pixels, made once per fit."""
 
-    def __init__(self, design, hac=None, terms=None) -> None:
+    def __init__(self, design, hac=None, terms=None, calibrated=None) -> None:
         self.design = design
-        self._hac, self._terms = hac, terms
+        self._hac, self._terms, self._calibrated = hac, terms, calibrated
         self._views: dict[tuple, DesignView] = {}
 
     def __call__(self, px: slice) -> DesignView:
@@ -55,8 +55,13 @@ class Views:
         key = (px.start, px.stop)
         view = self._views.get(key)
         if view is None:
+            whole = px == slice(None)
             view = self._views[key] = make_view(
-                self.design, px, hac=self._hac, terms=self._terms
+                self.design,
+                px,
+                hac=self._hac,
+                terms=self._terms,
+                calibrated=self._calibrated if whole else None,
             )
         return view
 

@@ -34,7 +34,7 @@ from .references import (
     working_dtype,
 )
 
-__all__ = ['Design', 'make_design']
+__all__ = ['Design', 'calibrated_terms', 'make_design']
 
 #: A vector with less than this share of its norm outside the span of
 #: those before it is linearly dependent on them in float64.
@@ -86,6 +86,40 @@ def meat_sample(
     if count == 0:  # the drawn chunks missed the mask: every pixel
         return None, 1.0
     return sample, n_pixels / count
+
+
+def calibrated_terms(
+    picked: NDArray[np.float64],
+    total: NDArray[np.float64],
+    scale: float,
+    dtype,
+) -> NDArray:
+    """Weigh the sample's sandwich terms so that they sum to ``total``.
+
+    Parameters
+    ----------
+    picked : (P, n_s) ndarray of float64
+        The terms at the sample's pixels.
+    total : (P,) ndarray of float64
+        The terms' sums over every fitted pixel.
+    scale : float
+        Fitted pixels over sampled ones (:func:`meat_sample`).
+    dtype : dtype
+        Of the result (the working dtype).
+
+    Returns
+    -------
+    (P, n_s) ndarray
+        ``picked · w_p`` with ``w_p = s(1 + λᵀ T_p)``, ``λ`` such that the
+        weighted sums equal ``total`` (a regression estimator, Deville and
+        Särndal 1992): the sample's meat is exact in expectation for noise
+        of even variance, whatever the references' pattern.
+    """
+    gram = scale * (picked @ picked.T)
+    gap = total - scale * picked.sum(axis=1)
+    lam = np.linalg.lstsq(gram, gap, rcond=None)[0]
+    weights = scale * (1.0 + lam @ picked)
+    return np.ascontiguousarray((picked * weights).astype(dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -466,6 +500,9 @@ class DesignView:
     meat : (n_px,) ndarray of bool or None
         The pixels the robust errors' meat is summed over (None: every
         fitted pixel), and ``meat_scale`` their weight.
+    calibrated : (P, n_s) ndarray or None
+        :attr:`meat_terms` made already (from the sample's pixels only,
+        see ``engine.fit.sample_terms``), instead of ``terms``.
     """
 
     centre: NDArray
@@ -479,6 +516,7 @@ class DesignView:
     sample: NDArray | None = None
     meat: NDArray[np.bool_] | None = None
     meat_scale: float = 1.0
+    calibrated: NDArray | None = None
 
     @property
     def dtype(self) -> np.dtype:
@@ -540,6 +578,8 @@ class DesignView:
         fixed sample costs no bias.  Compacted in the order the compiled
         residual squares come (runs of the sample, each in order).
         """
+        if self.calibrated is not None:
+            return self.calibrated
         cached = self.__dict__.get('_meat_terms')
         if cached is None:
             cached = np.ascontiguousarray(self._weighted_terms())
@@ -570,12 +610,7 @@ class DesignView:
         every = terms if self.fitted is None else terms[:, self.fitted]
         total = every.sum(axis=1, dtype=np.float64)
         picked = terms[:, self.meat].astype(np.float64)
-        scale = self.meat_scale
-        gram = scale * (picked @ picked.T)
-        gap = total - scale * picked.sum(axis=1)
-        lam = np.linalg.lstsq(gram, gap, rcond=None)[0]
-        weights = scale * (1.0 + lam @ picked)
-        return (picked * weights).astype(self.dtype)
+        return calibrated_terms(picked, total, self.meat_scale, self.dtype)
 
     @property
     def fitted_index(self) -> NDArray[np.int64]:
@@ -637,6 +672,7 @@ def make_view(
     *,
     hac: NDArray | None = None,
     terms: NDArray | None = None,
+    calibrated: NDArray | None = None,
 ) -> DesignView:
     """Return the design over the pixels ``px`` of the flattened image.
 
@@ -648,11 +684,16 @@ def make_view(
         A range of the flattened reference image.
     hac, terms : ndarray, optional
         Sandwich terms over the whole image (see :class:`DesignView`).
+    calibrated : ndarray, optional
+        The meat's terms at its sample, for the whole image (``px`` all).
     """
     mask = design.mask
     fitted = None if mask is None else mask.reshape(-1)[px]
     sample = None
-    if px == slice(None):
+    whole = px == slice(None)
+    if calibrated is not None and not whole:
+        raise ValueError('the meat sample\'s terms are for the whole image')
+    if whole:
         inside = (
             np.arange(design.centre.size)
             if fitted is None
@@ -671,6 +712,7 @@ def make_view(
         sample=sample,
         meat=None if design.meat is None else design.meat[px],
         meat_scale=design.meat_scale,
+        calibrated=calibrated,
     )
 
 
