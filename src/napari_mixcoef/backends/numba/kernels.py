@@ -19,8 +19,10 @@ import numpy as np
 #: spread the sums over SIMD lanes, ``contract`` fuses multiply-adds.
 FLAGS = frozenset({'reassoc', 'contract', 'nsz', 'arcp'})
 
-#: Most pixels in one working-dtype partial sum (float32 keeps ~7 digits
-#: over a few hundred terms).
+#: Most pixels in one working-dtype partial sum.  LLVM spreads each sum
+#: over its vector lanes (16 or 32 partial sums for float32), so each lane
+#: adds at most a few hundred terms, where float32 keeps ~7 digits; longer
+#: runs mean fewer reductions of the lanes into float64.
 RUN = 2048
 
 #: Bytes of basis (and term) vectors one band may hold: they stay in a
