@@ -55,12 +55,13 @@ def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:
     offset : (m, d) ndarray of int64
         ``n``, the integer part the slice is read at.
     key : (m, d) ndarray of int64
-        The bin of ``f0 = key / BINS`` (|f0| ≤ ½).
+        The bin of ``f0 = key / BINS``, ``−BINS/2 ≤ key < BINS/2``.
     delta : (m, d) ndarray of float64
         ``s − n − f0``.
     """
     binned = np.rint(shift * BINS)
-    offset = np.rint(binned / BINS)
+    # half-open keys: f0 = ±½ would be two bins of one fraction
+    offset = np.floor((binned + BINS // 2) / BINS)
     key = binned - offset * BINS
     delta = shift - binned / BINS
     return offset.astype(np.int64), key.astype(np.int64), delta

@@ -94,10 +94,16 @@ def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
 
 
 #: The sandwich's terms vary slowly with the fractional shift: they are
-#: shared by bins this many times wider than the design's.
-TERMS_COARSER = 4
+#: shared by bins this many times wider than the design's (half a pixel).
+TERMS_COARSER = sm.BINS // 2
 
 
 def _coarser(key: tuple[int, ...]) -> tuple[int, ...]:
-    """Return the bin whose sandwich terms bin ``key`` borrows."""
-    return tuple(int(round(k / TERMS_COARSER)) * TERMS_COARSER for k in key)
+    """Return the bin whose sandwich terms bin ``key`` borrows.
+
+    The centre of its half-pixel (keys run from ``−BINS/2`` to
+    ``BINS/2 − 1``), so no bin is more than a quarter pixel from its
+    terms' and both are bins the passes made.
+    """
+    half = TERMS_COARSER
+    return tuple((k // half) * half + half // 2 for k in key)
