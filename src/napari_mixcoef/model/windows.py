@@ -78,27 +78,6 @@ class WindowTables:
     norm2: NDArray[np.float64]
     k: int
 
-    @classmethod
-    def of(cls, designs: list, keys: list, k: int, dtype) -> WindowTables:
-        """Stack the :class:`~.shifts.BinDesign` of each of ``keys``."""
-        fitted = designs[0].fitted
-        n_fit, width = len(fitted), designs[0].columns.shape[0]
-        centre = np.empty((len(designs), n_fit), dtype)
-        columns = np.empty((len(designs), width, n_fit), dtype)
-        b_centre = np.empty((len(designs), width))
-        norm2 = np.empty(len(designs))
-        everything = n_fit == designs[0].columns.shape[1]
-        for i, design in enumerate(designs):
-            part = design.columns
-            if not everything:
-                part = np.ascontiguousarray(part[:, fitted])
-            mean = part[:k].mean(axis=0)
-            centre[i] = mean
-            columns[i] = part
-            b_centre[i] = np.dot(part, mean)
-            norm2[i] = mean @ mean
-        return cls(list(keys), centre, columns, b_centre, norm2, k)
-
     def finish(self, which: NDArray, b: NDArray, yy: NDArray) -> None:
         """Turn centred products into the slices' own, in place.
 

@@ -55,11 +55,10 @@ def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
     keys, which = _keys(reg.key)
     coarse, twhich = _keys(np.array([_coarser(key) for key in keys]))
     twhich = twhich[which]
+    which = designs.slots(keys)[which]
     wt = reg.dtype
     # C order: the kernel reads each row along the pixels
-    columns = np.ascontiguousarray(
-        np.stack([designs.get(key).columns[:, picked] for key in keys]), wt
-    )
+    columns = np.ascontiguousarray(designs.columns[:, :, picked], wt)
     terms = np.ascontiguousarray(
         np.stack(
             [designs.get(key).terms(rho, shape)[:, where] for key in coarse]

@@ -19,7 +19,7 @@ from ..engine.blocks import plan_blocks, stored_rows
 from ..engine.threads import thread_run
 from ..model import shifts as sm
 from ..model.references import References
-from ..model.windows import WindowTables, base_of, window_runs
+from ..model.windows import base_of, window_runs
 from .coarse import Coarse
 
 __all__ = [
@@ -175,7 +175,7 @@ def register_stack(
     else:
         low = high = np.zeros(ndim)
     box = sm.box_of(shape, low, high)
-    designs = sm.ShiftedDesigns(refs.images, box, refs.mask)
+    designs = sm.ShiftedDesigns(refs.images, box, refs.mask, dtype)
     shift = np.where(inside[:, None], coarse, 0.0)
     fit = None
     for _ in range(PASSES):
@@ -237,8 +237,8 @@ def _joint_pass(
     n_slices = len(shift)
     offset, key, delta0 = _placed(shift, designs.box, shape)
     keys, which = _keys(key)
-    used = designs.get_many(keys)
-    tables = WindowTables.of(used, keys, designs.k, dtype)
+    which = designs.slots(keys)[which]  # each slice's slot in the tables
+    tables = designs.tables()
     runs = window_runs(designs.box, shape, designs.fitted)
     base = base_of(offset, shape)
     b = np.zeros((n_slices, designs.width))
@@ -262,9 +262,8 @@ def _joint_pass(
     yield from _on_threads(blocks, work, n_slices)
     with np.errstate(invalid='ignore', over='ignore'):
         tables.finish(which, b, yy)
-    grams = np.stack([d.gram for d in used])
     out = {'offset': offset, 'key': key}
-    out.update(_fit_sums(b, yy, grams, which, model, delta0, designs))
+    out.update(_fit_sums(b, yy, designs.grams, which, model, delta0, designs))
     out['shift'] = offset + key / sm.BINS + out['delta']
     return out
 
