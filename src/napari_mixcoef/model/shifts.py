@@ -39,7 +39,7 @@ __all__ = [
     'structure_z',
 ]
 
-#: Gauss–Newton iterations on the sums of one pass.
+#: Gauss–Newton iterations on the sums of one pass, at most.
 ITERATIONS = 6
 
 
@@ -147,12 +147,31 @@ def joint_fit(
             step[:, k:] = np.clip(step[:, k:], -0.5, 0.5)
             theta = theta + step[:, :k]
             delta = delta + step[:, k:]
+            if _settled(step, theta, k):
+                break
         v = _vector(theta, delta, model)
         jac = _jacobian(theta, delta, model)
         hess = _quadratic(jac, gram)
         ssr = yy - 2 * np.einsum('mp,mp->m', v, b)
         ssr += np.einsum('mp,mp->m', v, _apply(gram, v))
     return theta, delta, np.maximum(ssr, 0.0), hess
+
+
+#: A Gauss–Newton step this small (pixels; relative for ``θ``) changes
+#: nothing that is reported.
+SETTLED = 1e-9
+
+
+def _settled(step: NDArray, theta: NDArray, k: int) -> bool:
+    """Whether every slice's last step was below :data:`SETTLED`."""
+    size = np.abs(step)
+    if not np.isfinite(size).any():
+        return True
+    scale = 1.0 + np.abs(theta)
+    return bool(
+        np.nanmax(size[:, k:], initial=0.0) <= SETTLED
+        and np.nanmax(size[:, :k] / scale, initial=0.0) <= SETTLED
+    )
 
 
 def _quadratic(jac: NDArray, gram: NDArray) -> NDArray:
