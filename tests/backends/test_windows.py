@@ -11,7 +11,11 @@ from numpy.testing import assert_allclose
 
 from napari_mixcoef.backends import get_backend
 from napari_mixcoef.model.shifts import ShiftedDesigns, correction_rows
-from napari_mixcoef.model.windows import base_of, window_runs
+from napari_mixcoef.model.windows import (
+    base_of,
+    run_positions,
+    window_runs,
+)
 
 SHAPE = (23, 19)
 BOX = (slice(3, 19), slice(2, 16))
@@ -46,7 +50,7 @@ def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
     work = np.float64 if dtype == np.float64 else np.float32
     designs, offset, keys, which, stack = _case(dtype, masked, work)
     which = designs.slots(keys)[which]  # the bins' slots in the tables
-    tables = designs.tables()
+    tables, _ = designs.tables()
     runs = window_runs(designs.box, SHAPE, designs.fitted)
     base = base_of(offset, SHAPE)
     b = np.zeros((len(stack), designs.width))
@@ -75,6 +79,43 @@ def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
         err = np.abs(b[i] - columns @ window) / scale
         assert err.max() <= tol, f'slice {i}: off by {err.max():.2g}'
         assert_allclose(yy[i], window @ window, rtol=tol)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_window_products_over_some_runs(backend, masked):
+    # a subsampled pass: every other run, the tables' sums over those
+    work = np.float32
+    designs, offset, keys, which, stack = _case(np.uint16, masked, work)
+    which = designs.slots(keys)[which]
+    runs = window_runs(designs.box, SHAPE, designs.fitted)[::2]
+    pixels = run_positions(runs)
+    tables, grams = designs.tables(pixels)
+    b = np.zeros((len(stack), designs.width))
+    yy = np.zeros(len(stack))
+    get_backend(backend).window_products(
+        stack.reshape(len(stack), -1),
+        base_of(offset, SHAPE),
+        which,
+        runs,
+        tables.centre,
+        tables.columns,
+        b,
+        yy,
+    )
+    tables.finish(which, b, yy)
+    for i, y in enumerate(stack.astype(np.float64)):
+        window = y[
+            tuple(
+                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
+            )
+        ].reshape(-1)[designs.fitted][pixels]
+        columns = designs.columns[which[i]][:, designs.fitted][:, pixels]
+        columns = columns.astype(np.float64)
+        assert_allclose(grams[which[i]], columns @ columns.T, rtol=1e-12)
+        scale = np.linalg.norm(columns, axis=1) * np.linalg.norm(window)
+        err = np.abs(b[i] - columns @ window) / scale
+        assert err.max() <= 2e-6, f'slice {i}: off by {err.max():.2g}'
+        assert_allclose(yy[i], window @ window, rtol=2e-6)
 
 
 @pytest.mark.parametrize(

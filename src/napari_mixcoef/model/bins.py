@@ -188,8 +188,24 @@ class ShiftedDesigns:
         """Every made bin's Gram, ``(slots, P, P)``."""
         return self._gram[: len(self._slot)]
 
-    def tables(self) -> WindowTables:
-        """Every made bin's tables over the fitted pixels, by slot."""
+    def tables(
+        self, pixels: NDArray | None = None
+    ) -> tuple[WindowTables, NDArray[np.float64]]:
+        """Every made bin's tables over the fitted pixels, and its Gram.
+
+        Parameters
+        ----------
+        pixels : (n,) ndarray of intp, optional
+            Positions among the fitted pixels that a pass reads: the
+            centred products' corrections and the Grams are summed over
+            those (the tables themselves stay whole).
+
+        Returns
+        -------
+        tables : WindowTables
+            By slot (:meth:`slots`).
+        grams : (slots, P, P) ndarray of float64
+        """
         count = len(self._slot)
         columns = self.columns
         if len(self.fitted) != columns.shape[2]:
@@ -201,15 +217,22 @@ class ShiftedDesigns:
                     columns[:, :, self.fitted]
                 )
             columns = self._fitted_columns
+        centre = self._centre[:count]
+        b_centre, norm2 = self._b_centre[:count], self._norm2[:count]
+        grams = self.grams
+        if pixels is not None:
+            b_centre = np.empty_like(b_centre)
+            norm2 = np.empty_like(norm2)
+            grams = np.empty_like(grams)
+            for slot in range(count):
+                part = columns[slot][:, pixels].astype(np.float64)
+                mean = centre[slot, pixels].astype(np.float64)
+                np.dot(part, part.T, out=grams[slot])
+                np.dot(part, mean, out=b_centre[slot])
+                norm2[slot] = mean @ mean
         keys = sorted(self._slot, key=self._slot.get)
-        return WindowTables(
-            keys,
-            self._centre[:count],
-            columns,
-            self._b_centre[:count],
-            self._norm2[:count],
-            self.k,
-        )
+        tables = WindowTables(keys, centre, columns, b_centre, norm2, self.k)
+        return tables, grams
 
     def slots(self, keys: list) -> NDArray[np.int64]:
         """Return the table's slot of each of ``keys``, making the missing."""
