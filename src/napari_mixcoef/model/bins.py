@@ -55,22 +55,26 @@ class BinDesign:
         """``R_k − R_k^{f0}``: what the bin's shift does to each reference."""
         return self.plain - self.columns[: len(self.plain)]
 
-    def terms(self, rho: NDArray, box_shape) -> NDArray[np.float64]:
-        """Sandwich terms of the columns, ``(P(P+1)/2, n_fit)``.
+    def terms(
+        self, rho: NDArray, box_shape, where: NDArray | None = None
+    ) -> NDArray[np.float64]:
+        """Sandwich terms of the columns, ``(P(P+1)/2, n)``.
 
         The spatial HAC terms of :mod:`.spatial` for the noise kernel
-        ``rho``: ``Ω_B = Σ_p r_p² terms[:, p]``.
+        ``rho``: ``Ω_B = Σ_p r_p² terms[:, p]``; at the fitted pixels
+        ``where`` (positions among them) only, when given.
         """
         cached = self.__dict__.get('_terms')
-        if cached is None or cached[0] is not rho:
+        if cached is None or cached[0] is not rho or cached[1] is not where:
             images = np.zeros(self.columns.shape)
             images[:, self.fitted] = self.columns[:, self.fitted]
             smooth = smoothed(images.reshape((-1, *box_shape)), rho)
             smooth = smooth.reshape(len(images), -1)
-            terms = sandwich_terms(images, smooth)[:, self.fitted]
-            cached = (rho, np.ascontiguousarray(terms))
+            at = self.fitted if where is None else self.fitted[where]
+            terms = sandwich_terms(images[:, at], smooth[:, at])
+            cached = (rho, where, terms)
             object.__setattr__(self, '_terms', cached)
-        return cached[1]
+        return cached[2]
 
 
 class ShiftedDesigns:

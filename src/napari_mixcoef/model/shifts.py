@@ -221,8 +221,7 @@ def meat_of(sums: NDArray, theta, delta, model) -> NDArray[np.float64]:
     """``JᵀΩ_BJ`` from the sums ``Σ_p r_p² terms[:, p]``, ``(m, T)``."""
     width = _vector(theta[:1], delta[:1], model).shape[1]
     omega = unpack(sums, width)
-    jac = _jacobian(theta, delta, model)
-    return np.einsum('mpa,mpq,mqb->mab', jac, omega, jac)
+    return _quadratic(_jacobian(theta, delta, model), omega)
 
 
 def joint_covariance(

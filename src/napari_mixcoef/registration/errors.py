@@ -64,7 +64,7 @@ def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
     columns = np.ascontiguousarray(designs.columns[:, :, picked], wt)
     terms = np.ascontiguousarray(
         np.stack(
-            [designs.get(key).terms(rho, shape)[:, where] for key in coarse]
+            [designs.get(key).terms(rho, shape, where) for key in coarse]
         ),
         wt,
     )
