@@ -43,27 +43,31 @@ __all__ = [
 ITERATIONS = 6
 
 
-def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+def split_shift(
+    shift: NDArray, bins: int = BINS
+) -> tuple[NDArray, NDArray, NDArray]:
     """Split shifts into integer offsets, bin keys and the rest.
 
     Parameters
     ----------
     shift : (m, d) ndarray of float64
+    bins : int, optional
+        Bins per pixel (a divisor of :data:`BINS`).
 
     Returns
     -------
     offset : (m, d) ndarray of int64
         ``n``, the integer part the slice is read at.
     key : (m, d) ndarray of int64
-        The bin of ``f0 = key / BINS``, ``−BINS/2 ≤ key < BINS/2``.
+        The bin of ``f0 = key / bins``, ``−bins/2 ≤ key < bins/2``.
     delta : (m, d) ndarray of float64
         ``s − n − f0``.
     """
-    binned = np.rint(shift * BINS)
+    binned = np.rint(shift * bins)
     # half-open keys: f0 = ±½ would be two bins of one fraction
-    offset = np.floor((binned + BINS // 2) / BINS)
-    key = binned - offset * BINS
-    delta = shift - binned / BINS
+    offset = np.floor((binned + bins // 2) / bins)
+    key = binned - offset * bins
+    delta = shift - binned / bins
     return offset.astype(np.int64), key.astype(np.int64), delta
 
 

@@ -31,11 +31,12 @@ __all__ = [
 
 #: What ``register`` may be (besides None).
 REGISTRATIONS = ('translation',)
-#: Joint passes over the stack after the coarse estimate, each reading
-#: every so many rows of the box (first axis): the first only has to
-#: bring the coarse estimate (~0.4 px) to a few hundredths of a pixel,
-#: the last sets the accuracy.
-PASSES = (4, 1)
+#: Joint passes over the stack after the coarse estimate: each reads
+#: every so many rows of the box (first axis) with bins so many times
+#: wider than the designs' (a subset of them).  The first only has to
+#: bring the coarse estimate (~0.4 px) to a few hundredths of a pixel;
+#: the last, on every pixel and bin, sets the accuracy.
+PASSES = ((4, 2), (1, 1))
 #: A subsampled pass keeps at least this many rows of the box (a small
 #: box is read whole: its pass is cheap and its few rows imprecise).
 MIN_ROWS = 16
@@ -184,7 +185,7 @@ def register_stack(
     designs = sm.ShiftedDesigns(refs.images, box, refs.mask, dtype)
     shift = np.where(inside[:, None], coarse, 0.0)
     fit = None
-    for stride in PASSES:
+    for stride, wider in PASSES:
         fit = yield from _joint_pass(
             stack,
             lead_shape,
@@ -195,6 +196,7 @@ def register_stack(
             shift,
             backend,
             stride,
+            wider,
         )
         shift = fit['shift']
     failed = ~np.isfinite(shift).all(axis=1)
@@ -221,9 +223,15 @@ def register_stack(
     )
 
 
-def _placed(shift, box, shape):
-    """Offsets, bins and rests of shifts, offsets held inside the box."""
-    offset, key, delta = sm.split_shift(np.nan_to_num(shift))
+def _placed(shift, box, shape, wider: int = 1):
+    """Offsets, bins and rests of shifts, offsets held inside the box.
+
+    Binned ``wider`` times coarser than the designs (keys in theirs).
+    """
+    offset, key, delta = sm.split_shift(
+        np.nan_to_num(shift), sm.BINS // wider
+    )
+    key *= wider
     for j, (part, size) in enumerate(zip(box, shape)):
         held = np.clip(offset[:, j], -part.start, size - part.stop)
         delta[:, j] += offset[:, j] - held
@@ -247,17 +255,26 @@ def _rows(runs, designs, stride: int):
 
 
 def _joint_pass(
-    stack, lead_shape, shape, blocks, designs, model, shift, backend, stride
+    stack,
+    lead_shape,
+    shape,
+    blocks,
+    designs,
+    model,
+    shift,
+    backend,
+    stride,
+    wider,
 ):
     """One pass: every slice's joint fit in the bin of its current shift.
 
     The pass only gathers each slice's products with its bin's columns
     (the backend's ``window_products``, every bin in one call) over every
-    ``stride``-th row of the box; the Gauss–Newton iterations then run on
-    all slices' sums at once.
+    ``stride``-th row of the box, in bins ``wider`` times the designs';
+    the Gauss–Newton iterations then run on all slices' sums at once.
     """
     n_slices = len(shift)
-    offset, key, delta0 = _placed(shift, designs.box, shape)
+    offset, key, delta0 = _placed(shift, designs.box, shape, wider)
     keys, which = _keys(key)
     which = designs.slots(keys)[which]  # each slice's slot in the tables
     runs = window_runs(designs.box, shape, designs.fitted)
