@@ -9,6 +9,7 @@ and its Gram over the fitted pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,11 +94,20 @@ class ShiftedDesigns:
         The fitted pixels (None: all).
     dtype : dtype, optional
         Working float type of the columns (the products').
+    mapper : callable, optional
+        ``map(function, items)`` that runs independent parts of making the
+        designs (e.g. a thread pool's); the builtin ``map`` by default.
     """
 
     def __init__(
-        self, images: NDArray, box: tuple, mask, dtype=np.float64
+        self,
+        images: NDArray,
+        box: tuple,
+        mask,
+        dtype=np.float64,
+        mapper: Callable = map,
     ) -> None:
+        self._map = mapper
         self.k = images.shape[0]
         self.ndim = images.ndim - 1
         self.box = box
@@ -135,7 +145,7 @@ class ShiftedDesigns:
         """Shared columns per bin, ``P = K(1 + d) + 1``."""
         return self.k * (1 + self.ndim) + 1
 
-    def _evaluate(self, r: int, coef: NDArray, keys: list, slots) -> None:
+    def _evaluate(self, r: int, coef: NDArray, keys: list) -> None:
         """Write ``R_r(p − f0)`` and its derivatives of every bin's slot.
 
         The cubic spline's 5 taps per axis: values ``β₃(−f − t)``, and
@@ -170,7 +180,8 @@ class ShiftedDesigns:
                         # rows: R_k, then ∂_1 R_k for every k, …
                         row = r if name is None else (1 + name) * self.k + r
                         for step, image in zip(steps, out):
-                            self._columns[slots[(*prefix, step)], row] = image
+                            at = self._slot[(*prefix, step)]
+                            self._columns[at, row] = image
             level = done
 
     def get(self, key: tuple[int, ...]) -> BinDesign:
@@ -259,26 +270,17 @@ class ShiftedDesigns:
             self._norm2 = _grown(self._norm2, room, count)
         for i, key in enumerate(missing):
             self._slot[key] = count + i
-        new = slice(count, need)
-        self._columns[new, -1] = 1.0
-        for r, coef in enumerate(self._coef):
-            self._evaluate(r, coef, missing, self._slot)
-        everything = len(self.fitted) == self._columns.shape[2]
-        k = self.k
-        # one float64 copy of a bin at a time, reused (it stays in cache)
-        part = np.empty((self.width, len(self.fitted)))
-        centre = np.empty(len(self.fitted))
-        for slot in range(count, need):
-            # the Gram and centre of the columns as stored (the products
-            # read those), summed in float64
-            stored = self._columns[slot]
-            part[...] = stored if everything else stored[:, self.fitted]
-            np.dot(part, part.T, out=self._gram[slot])
-            # slices are centred on the mean shifted reference
-            self._centre[slot] = part[:k].mean(axis=0)
-            centre[...] = self._centre[slot]
-            np.dot(part, centre, out=self._b_centre[slot])
-            self._norm2[slot] = centre @ centre
+        self._columns[count:need, -1] = 1.0
+        # each reference's rows, then each share of the new slots' sums:
+        # independent work (numpy and BLAS release the GIL)
+        list(
+            self._map(
+                lambda r: self._evaluate(r, self._coef[r], missing),
+                range(self.k),
+            )
+        )
+        shares = np.array_split(np.arange(count, need), 2)
+        list(self._map(self._sums, [sh for sh in shares if len(sh)]))
         if grown:  # the designs are views of the table: of the new one
             self._cache.clear()
         for key, slot in self._slot.items():
@@ -290,6 +292,27 @@ class ShiftedDesigns:
                     gram=self._gram[slot],
                     plain=self._plain,
                 )
+
+
+    def _sums(self, slots: NDArray) -> None:
+        """Write the Gram and centre of the columns of ``slots``.
+
+        Of the columns as stored (the products read those), summed in
+        float64.
+        """
+        everything = len(self.fitted) == self._columns.shape[2]
+        # one float64 copy of a bin at a time, reused (it stays in cache)
+        part = np.empty((self.width, len(self.fitted)))
+        centre = np.empty(len(self.fitted))
+        for slot in slots:
+            stored = self._columns[slot]
+            part[...] = stored if everything else stored[:, self.fitted]
+            np.dot(part, part.T, out=self._gram[slot])
+            # slices are centred on the mean shifted reference
+            self._centre[slot] = part[: self.k].mean(axis=0)
+            centre[...] = self._centre[slot]
+            np.dot(part, centre, out=self._b_centre[slot])
+            self._norm2[slot] = centre @ centre
 
 
 def _grown(table: NDArray, room: int, count: int) -> NDArray:

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..engine.blocks import plan_blocks, stored_rows
-from ..engine.threads import thread_run
+from ..engine.threads import pool, thread_run
 from ..model import shifts as sm
 from ..model.references import References
 from ..model.windows import base_of, run_positions, window_runs
@@ -182,7 +182,9 @@ def register_stack(
     else:
         low = high = np.zeros(ndim)
     box = sm.box_of(shape, low, high)
-    designs = sm.ShiftedDesigns(refs.images, box, refs.mask, dtype)
+    designs = sm.ShiftedDesigns(
+        refs.images, box, refs.mask, dtype, mapper=pool().map
+    )
     shift = np.where(inside[:, None], coarse, 0.0)
     fit = None
     for stride, wider in PASSES:
