@@ -51,11 +51,6 @@ class BinDesign:
     gram: NDArray[np.float64]
     plain: NDArray[np.float64]
 
-    @property
-    def moved(self) -> NDArray[np.float64]:
-        """``R_k − R_k^{f0}``: what the bin's shift does to each reference."""
-        return self.plain - self.columns[: len(self.plain)]
-
     def terms(
         self, rho: NDArray, box_shape, where: NDArray | None = None
     ) -> NDArray[np.float64]:

@@ -107,6 +107,7 @@ def joint_fit(
     gram: NDArray,
     model,
     delta0: NDArray,
+    settled: float = 1e-9,
 ) -> tuple[NDArray, NDArray, NDArray, NDArray]:
     """Least squares of ``θ`` and ``δ`` from one bin's sums.
 
@@ -122,6 +123,9 @@ def joint_fit(
         The model (its weights ``w = w0 + Wθ``).
     delta0 : (m, d) ndarray
         Where to start: the previous estimate's ``δ``.
+    settled : float, optional
+        The iterations stop once every slice's step is below this
+        (pixels; relative for ``θ``), or after :data:`ITERATIONS`.
 
     Returns
     -------
@@ -151,7 +155,7 @@ def joint_fit(
             step[:, k:] = np.clip(step[:, k:], -0.5, 0.5)
             theta = theta + step[:, :k]
             delta = delta + step[:, k:]
-            if _settled(step, theta, k):
+            if _settled(step, theta, k, settled):
                 break
         v = _vector(theta, delta, model)
         jac = _jacobian(theta, delta, model)
@@ -161,20 +165,15 @@ def joint_fit(
     return theta, delta, np.maximum(ssr, 0.0), hess
 
 
-#: A Gauss–Newton step this small (pixels; relative for ``θ``) changes
-#: nothing that is reported.
-SETTLED = 1e-9
-
-
-def _settled(step: NDArray, theta: NDArray, k: int) -> bool:
-    """Whether every slice's last step was below :data:`SETTLED`."""
+def _settled(step: NDArray, theta: NDArray, k: int, tol: float) -> bool:
+    """Whether every slice's last step was below ``tol``."""
     size = np.abs(step)
     if not np.isfinite(size).any():
         return True
     scale = 1.0 + np.abs(theta)
     return bool(
-        np.nanmax(size[:, k:], initial=0.0) <= SETTLED
-        and np.nanmax(size[:, :k] / scale, initial=0.0) <= SETTLED
+        np.nanmax(size[:, k:], initial=0.0) <= tol
+        and np.nanmax(size[:, :k] / scale, initial=0.0) <= tol
     )
 
 
@@ -285,10 +284,11 @@ def correction_rows(design: BinDesign, out: NDArray | None = None) -> NDArray:
 
     Written into ``out`` (any float dtype) when given.
     """
-    k = design.moved.shape[0]
+    k = design.plain.shape[0]
     if out is None:
         out = np.empty((len(design.columns) - 1, design.columns.shape[1]))
-    out[:k] = design.moved
+    # straight into ``out`` (no float64 image of the bin's move)
+    np.subtract(design.plain, design.columns[:k], out=out[:k])
     out[k:] = design.columns[k:-1]
     return out
 

@@ -33,10 +33,11 @@ __all__ = [
 REGISTRATIONS = ('translation',)
 #: Joint passes over the stack after the coarse estimate: each reads
 #: every so many rows of the box (first axis) with bins so many times
-#: wider than the designs' (a subset of them).  The first only has to
-#: bring the coarse estimate (~0.4 px) to a few hundredths of a pixel;
-#: the last, on every pixel and bin, sets the accuracy.
-PASSES = ((4, 2), (1, 1))
+#: wider than the designs' (a subset of them), and iterates until its
+#: steps are below so many pixels.  The first only has to bring the
+#: coarse estimate (~0.4 px) to a few hundredths of a pixel; the last,
+#: on every pixel and bin, sets the accuracy.
+PASSES = ((4, 2, 1e-4), (1, 1, 1e-9))
 #: A subsampled pass keeps at least this many rows of the box (a small
 #: box is read whole: its pass is cheap and its few rows imprecise).
 MIN_ROWS = 16
@@ -187,7 +188,7 @@ def register_stack(
     )
     shift = np.where(inside[:, None], coarse, 0.0)
     fit = None
-    for stride, wider in PASSES:
+    for stride, wider, settled in PASSES:
         fit = yield from _joint_pass(
             stack,
             lead_shape,
@@ -199,6 +200,7 @@ def register_stack(
             backend,
             stride,
             wider,
+            settled,
         )
         shift = fit['shift']
     failed = ~np.isfinite(shift).all(axis=1)
@@ -267,13 +269,15 @@ def _joint_pass(
     backend,
     stride,
     wider,
+    settled,
 ):
     """One pass: every slice's joint fit in the bin of its current shift.
 
     The pass only gathers each slice's products with its bin's columns
     (the backend's ``window_products``, every bin in one call) over every
     ``stride``-th row of the box, in bins ``wider`` times the designs';
-    the Gauss–Newton iterations then run on all slices' sums at once.
+    the Gauss–Newton iterations then run on all slices' sums at once,
+    until their steps are below ``settled``.
     """
     n_slices = len(shift)
     offset, key, delta0 = _placed(shift, designs.box, shape, wider)
@@ -306,7 +310,7 @@ def _joint_pass(
         tables.finish(which, b, yy)
     out = {'offset': offset, 'key': key}
     n = len(designs.fitted) if pixels is None else len(pixels)
-    out.update(_fit_sums(b, yy, grams, which, model, delta0, n))
+    out.update(_fit_sums(b, yy, grams, which, model, delta0, n, settled))
     out['shift'] = offset + key / sm.BINS + out['delta']
     return out
 
@@ -316,7 +320,7 @@ def _joint_pass(
 _FIT_CHUNK = 4096
 
 
-def _fit_sums(b, yy, grams, which, model, delta0, n: int) -> dict:
+def _fit_sums(b, yy, grams, which, model, delta0, n: int, settled) -> dict:
     """Every slice's joint fit from its sums over ``n`` pixels."""
     n_slices, d = delta0.shape
     f = model.k + d
@@ -331,7 +335,7 @@ def _fit_sums(b, yy, grams, which, model, delta0, n: int) -> dict:
         rows = slice(start, start + _FIT_CHUNK)
         gram = grams[which[rows]]
         theta, delta, ssr, hess = sm.joint_fit(
-            b[rows], yy[rows], gram, model, delta0[rows]
+            b[rows], yy[rows], gram, model, delta0[rows], settled
         )
         out['delta'][rows] = delta
         out['theta'][rows] = theta
