@@ -274,3 +274,19 @@ def test_volumes_and_omitted_pixels():
     assert fit.n_omitted[2] == 1 and np.isfinite(fit.x[2])
     keep = ~fit.registration_failed
     assert np.abs(fit.shift[keep] - truth[keep]).max() < 0.05
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_large_images_first_pass_on_a_quarter_of_the_rows(masked):
+    # 128 × 128: the first joint pass reads every 4th row of the box
+    stack, a, b, x, truth = drifting(40, shape=(128, 128), seed=6)
+    mask = None
+    if masked:
+        yy, xx = np.mgrid[:128, :128]
+        mask = (yy - 64) ** 2 + (xx - 60) ** 2 < 55**2
+    fit = fit_stack(stack, a, b, register='translation', mask=mask)
+    assert not fit.registration_failed.any()
+    assert np.abs(fit.shift - truth).max() < 0.02
+    assert np.abs(fit.x - x).max() < 6 * fit.x_stderr.max()
+    cover = np.mean(np.abs(fit.shift - truth) <= 3 * fit.shift_stderr)
+    assert cover >= 0.95

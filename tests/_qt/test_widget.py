@@ -74,7 +74,11 @@ def big_viewer(make_napari_viewer, monkeypatch):
     viewer.add_image(b, name='B')
     big = rng.random((3000, 128, 128), dtype=np.float32)
     viewer.add_image(big, name='big', contrast_limits=(0, 1))
-    return viewer, add_widget(viewer), fits
+    widget = add_widget(viewer)
+    # the warm-up's fits hold BLAS at one thread while they run: let them
+    # end before a test reads the thread counts it expects back
+    widget._warm_up_thread.join(timeout=60)
+    return viewer, widget, fits
 
 
 def blas_threads() -> list[int]:

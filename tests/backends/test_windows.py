@@ -12,8 +12,8 @@ from numpy.testing import assert_allclose
 from napari_mixcoef.backends import get_backend
 from napari_mixcoef.model.shifts import ShiftedDesigns, correction_rows
 from napari_mixcoef.model.windows import (
-    WindowTables,
     base_of,
+    run_positions,
     window_runs,
 )
 
@@ -21,7 +21,7 @@ SHAPE = (23, 19)
 BOX = (slice(3, 19), slice(2, 16))
 
 
-def _case(dtype, masked):
+def _case(dtype, masked, work=np.float64):
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
     refs = np.stack(
@@ -33,7 +33,7 @@ def _case(dtype, masked):
     mask = None
     if masked:
         mask = rng.random(SHAPE) > 0.2
-    designs = ShiftedDesigns(refs, BOX, mask)
+    designs = ShiftedDesigns(refs, BOX, mask, work)
     n = 40
     offset = rng.integers(-2, 3, (n, 2))
     keys = [(0, 0), (1, -3), (-4, 2)]
@@ -47,10 +47,10 @@ def _case(dtype, masked):
 )
 @pytest.mark.parametrize('masked', [False, True])
 def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
-    designs, offset, keys, which, stack = _case(dtype, masked)
-    used = [designs.get(k) for k in keys]
     work = np.float64 if dtype == np.float64 else np.float32
-    tables = WindowTables.of(used, keys, designs.k, work)
+    designs, offset, keys, which, stack = _case(dtype, masked, work)
+    which = designs.slots(keys)[which]  # the bins' slots in the tables
+    tables, _ = designs.tables()
     runs = window_runs(designs.box, SHAPE, designs.fitted)
     base = base_of(offset, SHAPE)
     b = np.zeros((len(stack), designs.width))
@@ -72,13 +72,50 @@ def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
                 slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
             )
         ].reshape(-1)[designs.fitted]
-        columns = used[which[i]].columns[:, designs.fitted]
+        columns = designs.columns[which[i]][:, designs.fitted]
         # float32 sums: good to ~1e-6 of the terms' scale, ‖column‖·‖y‖
         tol = 1e-12 if dtype == np.float64 else 2e-6
         scale = np.linalg.norm(columns, axis=1) * np.linalg.norm(window)
         err = np.abs(b[i] - columns @ window) / scale
         assert err.max() <= tol, f'slice {i}: off by {err.max():.2g}'
         assert_allclose(yy[i], window @ window, rtol=tol)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_window_products_over_some_runs(backend, masked):
+    # a subsampled pass: every other run, the tables' sums over those
+    work = np.float32
+    designs, offset, keys, which, stack = _case(np.uint16, masked, work)
+    which = designs.slots(keys)[which]
+    runs = window_runs(designs.box, SHAPE, designs.fitted)[::2]
+    pixels = run_positions(runs)
+    tables, grams = designs.tables(pixels)
+    b = np.zeros((len(stack), designs.width))
+    yy = np.zeros(len(stack))
+    get_backend(backend).window_products(
+        stack.reshape(len(stack), -1),
+        base_of(offset, SHAPE),
+        which,
+        runs,
+        tables.centre,
+        tables.columns,
+        b,
+        yy,
+    )
+    tables.finish(which, b, yy)
+    for i, y in enumerate(stack.astype(np.float64)):
+        window = y[
+            tuple(
+                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
+            )
+        ].reshape(-1)[designs.fitted][pixels]
+        columns = designs.columns[which[i]][:, designs.fitted][:, pixels]
+        columns = columns.astype(np.float64)
+        assert_allclose(grams[which[i]], columns @ columns.T, rtol=1e-12)
+        scale = np.linalg.norm(columns, axis=1) * np.linalg.norm(window)
+        err = np.abs(b[i] - columns @ window) / scale
+        assert err.max() <= 2e-6, f'slice {i}: off by {err.max():.2g}'
+        assert_allclose(yy[i], window @ window, rtol=2e-6)
 
 
 @pytest.mark.parametrize(

@@ -39,30 +39,35 @@ __all__ = [
     'structure_z',
 ]
 
-#: Gauss–Newton iterations on the sums of one pass.
+#: Gauss–Newton iterations on the sums of one pass, at most.
 ITERATIONS = 6
 
 
-def split_shift(shift: NDArray) -> tuple[NDArray, NDArray, NDArray]:
+def split_shift(
+    shift: NDArray, bins: int = BINS
+) -> tuple[NDArray, NDArray, NDArray]:
     """Split shifts into integer offsets, bin keys and the rest.
 
     Parameters
     ----------
     shift : (m, d) ndarray of float64
+    bins : int, optional
+        Bins per pixel (a divisor of :data:`BINS`).
 
     Returns
     -------
     offset : (m, d) ndarray of int64
         ``n``, the integer part the slice is read at.
     key : (m, d) ndarray of int64
-        The bin of ``f0 = key / BINS`` (|f0| ≤ ½).
+        The bin of ``f0 = key / bins``, ``−bins/2 ≤ key < bins/2``.
     delta : (m, d) ndarray of float64
         ``s − n − f0``.
     """
-    binned = np.rint(shift * BINS)
-    offset = np.rint(binned / BINS)
-    key = binned - offset * BINS
-    delta = shift - binned / BINS
+    binned = np.rint(shift * bins)
+    # half-open keys: f0 = ±½ would be two bins of one fraction
+    offset = np.floor((binned + bins // 2) / bins)
+    key = binned - offset * bins
+    delta = shift - binned / bins
     return offset.astype(np.int64), key.astype(np.int64), delta
 
 
@@ -102,6 +107,7 @@ def joint_fit(
     gram: NDArray,
     model,
     delta0: NDArray,
+    settled: float = 1e-9,
 ) -> tuple[NDArray, NDArray, NDArray, NDArray]:
     """Least squares of ``θ`` and ``δ`` from one bin's sums.
 
@@ -117,6 +123,9 @@ def joint_fit(
         The model (its weights ``w = w0 + Wθ``).
     delta0 : (m, d) ndarray
         Where to start: the previous estimate's ``δ``.
+    settled : float, optional
+        The iterations stop once every slice's step is below this
+        (pixels; relative for ``θ``), or after :data:`ITERATIONS`.
 
     Returns
     -------
@@ -146,12 +155,26 @@ def joint_fit(
             step[:, k:] = np.clip(step[:, k:], -0.5, 0.5)
             theta = theta + step[:, :k]
             delta = delta + step[:, k:]
+            if _settled(step, theta, k, settled):
+                break
         v = _vector(theta, delta, model)
         jac = _jacobian(theta, delta, model)
         hess = _quadratic(jac, gram)
         ssr = yy - 2 * np.einsum('mp,mp->m', v, b)
         ssr += np.einsum('mp,mp->m', v, _apply(gram, v))
     return theta, delta, np.maximum(ssr, 0.0), hess
+
+
+def _settled(step: NDArray, theta: NDArray, k: int, tol: float) -> bool:
+    """Whether every slice's last step was below ``tol``."""
+    size = np.abs(step)
+    if not np.isfinite(size).any():
+        return True
+    scale = 1.0 + np.abs(theta)
+    return bool(
+        np.nanmax(size[:, k:], initial=0.0) <= tol
+        and np.nanmax(size[:, :k] / scale, initial=0.0) <= tol
+    )
 
 
 def _quadratic(jac: NDArray, gram: NDArray) -> NDArray:
@@ -201,8 +224,7 @@ def meat_of(sums: NDArray, theta, delta, model) -> NDArray[np.float64]:
     """``JᵀΩ_BJ`` from the sums ``Σ_p r_p² terms[:, p]``, ``(m, T)``."""
     width = _vector(theta[:1], delta[:1], model).shape[1]
     omega = unpack(sums, width)
-    jac = _jacobian(theta, delta, model)
-    return np.einsum('mpa,mpq,mqb->mab', jac, omega, jac)
+    return _quadratic(_jacobian(theta, delta, model), omega)
 
 
 def joint_covariance(
@@ -262,10 +284,11 @@ def correction_rows(design: BinDesign, out: NDArray | None = None) -> NDArray:
 
     Written into ``out`` (any float dtype) when given.
     """
-    k = design.moved.shape[0]
+    k = design.plain.shape[0]
     if out is None:
         out = np.empty((len(design.columns) - 1, design.columns.shape[1]))
-    out[:k] = design.moved
+    # straight into ``out`` (no float64 image of the bin's move)
+    np.subtract(design.plain, design.columns[:k], out=out[:k])
     out[k:] = design.columns[k:-1]
     return out
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ['WindowTables', 'base_of', 'window_runs']
+__all__ = ['WindowTables', 'base_of', 'run_positions', 'window_runs']
 
 
 def window_runs(box, shape, fitted: NDArray) -> NDArray[np.int64]:
@@ -42,6 +42,15 @@ def window_runs(box, shape, fitted: NDArray) -> NDArray[np.int64]:
     return np.stack([stored[starts], starts, stops - starts], axis=1).astype(
         np.int64
     )
+
+
+def run_positions(runs: NDArray) -> NDArray[np.intp]:
+    """Return the fitted positions the runs cover, in their order."""
+    if len(runs) == 0:
+        return np.zeros(0, np.intp)
+    return np.concatenate(
+        [np.arange(f, f + n) for _, f, n in runs.tolist()]
+    ).astype(np.intp)
 
 
 def base_of(offset: NDArray, shape) -> NDArray[np.int64]:
@@ -78,27 +87,6 @@ class WindowTables:
     norm2: NDArray[np.float64]
     k: int
 
-    @classmethod
-    def of(cls, designs: list, keys: list, k: int, dtype) -> WindowTables:
-        """Stack the :class:`~.shifts.BinDesign` of each of ``keys``."""
-        fitted = designs[0].fitted
-        n_fit, width = len(fitted), designs[0].columns.shape[0]
-        centre = np.empty((len(designs), n_fit), dtype)
-        columns = np.empty((len(designs), width, n_fit), dtype)
-        b_centre = np.empty((len(designs), width))
-        norm2 = np.empty(len(designs))
-        everything = n_fit == designs[0].columns.shape[1]
-        for i, design in enumerate(designs):
-            part = design.columns
-            if not everything:
-                part = np.ascontiguousarray(part[:, fitted])
-            mean = part[:k].mean(axis=0)
-            centre[i] = mean
-            columns[i] = part
-            b_centre[i] = np.dot(part, mean)
-            norm2[i] = mean @ mean
-        return cls(list(keys), centre, columns, b_centre, norm2, k)
-
     def finish(self, which: NDArray, b: NDArray, yy: NDArray) -> None:
         """Turn centred products into the slices' own, in place.
 
@@ -130,11 +118,12 @@ def numpy_window_products(y, base, which, runs, centre, columns, b, yy):
     """Add the products as ``window_products`` does (the reference)."""
     index = _gathered(runs)
     wt = centre.dtype
+    at = run_positions(runs)  # a subsampled pass reads some of the tables
     for j in np.unique(which):
         rows = np.flatnonzero(which == j)
         data = y[rows[:, None], base[rows, None] + index]
-        yc = np.subtract(data, centre[j], dtype=wt)
-        b[rows] += np.dot(yc, columns[j].T).astype(np.float64)
+        yc = np.subtract(data, centre[j, at], dtype=wt)
+        b[rows] += np.dot(yc, columns[j][:, at].T).astype(np.float64)
         yy[rows] += np.einsum('mp,mp->m', yc, yc, dtype=np.float64)
 
 

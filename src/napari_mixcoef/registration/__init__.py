@@ -5,8 +5,9 @@ How a registered fit works
 1. **Coarse**: each slice's cross-correlation with the mean reference,
    by FFT over blocks of slices at a reduced resolution, gives its shift
    to about a pixel (the peak, refined by a parabola).
-2. **Joint refinement**: :data:`PASSES` passes over the stack, each
-   reading every slice once at its integer offset and fitting the model's
+2. **Joint refinement**: passes over the stack (:data:`.passes.PASSES`;
+   the first reads a quarter of the rows of a large box), each reading
+   every slice once at its integer offset and fitting the model's
    coefficients and the rest of the shift together, by Gauss–Newton on
    the products with a design shared by all slices of a bin of fractional
    shifts (:mod:`napari_mixcoef.model.shifts`).

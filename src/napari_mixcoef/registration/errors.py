@@ -12,7 +12,7 @@ from ..model.design import meat_sample
 from ..model.windows import base_of, window_runs
 from .passes import Registration, _blocks, _keys, _on_threads, _read
 
-__all__ = ['TERMS_COARSER', 'shift_errors']
+__all__ = ['SPARSER', 'TERMS_COARSER', 'shift_errors']
 
 
 def shift_errors(
@@ -23,8 +23,9 @@ def shift_errors(
     ``stderr="ols"``: ``σ̂²H⁻¹`` of the joint fit.  ``"auto"``: the
     sandwich with the spatial HAC terms of the noise kernel ``rho`` (the
     coefficients' own), from one more pass over the residuals (the
-    backend's ``window_meat``), summed over the engine's fixed sample of
-    pixels (:func:`~.model.design.meat_sample`) where a slice has many.
+    backend's ``window_meat``), summed over a fixed sample of pixels
+    (:func:`~.model.design.meat_sample`, :data:`SPARSER` times sparser than
+    the coefficients') where a slice has many.
     """
     designs = reg.designs
     n = len(designs.fitted)
@@ -47,22 +48,23 @@ def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
     full = designs.full_shape
     inside = np.zeros(math.prod(shape), bool)
     inside[designs.fitted] = True
-    sample, scale = meat_sample(
-        inside, inside.size, n, reg.model.k + len(shape)
+    # drawn as for SPARSER times the pixels: a share of the coefficients'
+    sample, _ = meat_sample(
+        inside, inside.size, SPARSER * n, reg.model.k + len(shape)
     )
     picked = designs.fitted if sample is None else np.flatnonzero(sample)
+    scale = n / len(picked)
     where = np.searchsorted(designs.fitted, picked)  # in the terms
     keys, which = _keys(reg.key)
     coarse, twhich = _keys(np.array([_coarser(key) for key in keys]))
     twhich = twhich[which]
+    which = designs.slots(keys)[which]
     wt = reg.dtype
     # C order: the kernel reads each row along the pixels
-    columns = np.ascontiguousarray(
-        np.stack([designs.get(key).columns[:, picked] for key in keys]), wt
-    )
+    columns = np.ascontiguousarray(designs.columns[:, :, picked], wt)
     terms = np.ascontiguousarray(
         np.stack(
-            [designs.get(key).terms(rho, shape)[:, where] for key in coarse]
+            [designs.get(key).terms(rho, shape, where) for key in coarse]
         ),
         wt,
     )
@@ -93,11 +95,21 @@ def _meat(reg: Registration, stack, lead_shape, rho, backend) -> NDArray:
         return scale * sm.meat_of(sums, reg.theta, reg.delta, reg.model)
 
 
+#: The shift's meat sums over this many times fewer pixels than the
+#: coefficients' (its P(P+1)/2 terms per pixel against their few): still
+#: thousands on a large slice, which keeps the errors' coverage.
+SPARSER = 2
 #: The sandwich's terms vary slowly with the fractional shift: they are
-#: shared by bins this many times wider than the design's.
-TERMS_COARSER = 4
+#: shared by bins this many times wider than the design's (half a pixel).
+TERMS_COARSER = sm.BINS // 2
 
 
 def _coarser(key: tuple[int, ...]) -> tuple[int, ...]:
-    """Return the bin whose sandwich terms bin ``key`` borrows."""
-    return tuple(int(round(k / TERMS_COARSER)) * TERMS_COARSER for k in key)
+    """Return the bin whose sandwich terms bin ``key`` borrows.
+
+    The centre of its half-pixel (keys run from ``−BINS/2`` to
+    ``BINS/2 − 1``), so no bin is more than a quarter pixel from its
+    terms' and both are bins the passes made.
+    """
+    half = TERMS_COARSER
+    return tuple((k // half) * half + half // 2 for k in key)

@@ -16,10 +16,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..engine.blocks import plan_blocks, stored_rows
-from ..engine.threads import thread_run
+from ..engine.threads import pool, thread_run
 from ..model import shifts as sm
 from ..model.references import References
-from ..model.windows import WindowTables, base_of, window_runs
+from ..model.windows import base_of, run_positions, window_runs
 from .coarse import Coarse
 
 __all__ = [
@@ -31,8 +31,16 @@ __all__ = [
 
 #: What ``register`` may be (besides None).
 REGISTRATIONS = ('translation',)
-#: Joint passes over the stack after the coarse estimate.
-PASSES = 2
+#: Joint passes over the stack after the coarse estimate: each reads
+#: every so many rows of the box (first axis) with bins so many times
+#: wider than the designs' (a subset of them), and iterates until its
+#: steps are below so many pixels.  The first only has to bring the
+#: coarse estimate (~0.4 px) to a few hundredths of a pixel; the last,
+#: on every pixel and bin, sets the accuracy.
+PASSES = ((4, 2, 1e-4), (1, 1, 1e-9))
+#: A subsampled pass keeps at least this many rows of the box (a small
+#: box is read whole: its pass is cheap and its few rows imprecise).
+MIN_ROWS = 16
 #: A slice whose pattern stands out of its noise by fewer standard errors
 #: than this has no structure to register on.
 STRUCTURE_Z = 8.0
@@ -175,10 +183,12 @@ def register_stack(
     else:
         low = high = np.zeros(ndim)
     box = sm.box_of(shape, low, high)
-    designs = sm.ShiftedDesigns(refs.images, box, refs.mask)
+    designs = sm.ShiftedDesigns(
+        refs.images, box, refs.mask, dtype, mapper=pool().map
+    )
     shift = np.where(inside[:, None], coarse, 0.0)
     fit = None
-    for _ in range(PASSES):
+    for stride, wider, settled in PASSES:
         fit = yield from _joint_pass(
             stack,
             lead_shape,
@@ -187,8 +197,10 @@ def register_stack(
             designs,
             model,
             shift,
-            dtype,
             backend,
+            stride,
+            wider,
+            settled,
         )
         shift = fit['shift']
     failed = ~np.isfinite(shift).all(axis=1)
@@ -215,9 +227,15 @@ def register_stack(
     )
 
 
-def _placed(shift, box, shape):
-    """Offsets, bins and rests of shifts, offsets held inside the box."""
-    offset, key, delta = sm.split_shift(np.nan_to_num(shift))
+def _placed(shift, box, shape, wider: int = 1):
+    """Offsets, bins and rests of shifts, offsets held inside the box.
+
+    Binned ``wider`` times coarser than the designs (keys in theirs).
+    """
+    offset, key, delta = sm.split_shift(
+        np.nan_to_num(shift), sm.BINS // wider
+    )
+    key *= wider
     for j, (part, size) in enumerate(zip(box, shape)):
         held = np.clip(offset[:, j], -part.start, size - part.stop)
         delta[:, j] += offset[:, j] - held
@@ -225,21 +243,49 @@ def _placed(shift, box, shape):
     return offset, key, delta
 
 
+def _rows(runs, designs, stride: int):
+    """Return the runs of every ``stride``-th row of the box, and pixels.
+
+    The pixels are the runs' positions among the fitted pixels; None (and
+    every run) when ``stride`` would leave fewer than :data:`MIN_ROWS`.
+    """
+    box_shape = designs.box_shape
+    if stride == 1 or box_shape[0] // stride < MIN_ROWS:
+        return runs, None
+    first = designs.fitted[runs[:, 1]]
+    row = np.unravel_index(first, box_shape)[0]
+    runs = runs[row % stride == stride // 2]
+    return runs, run_positions(runs)
+
+
 def _joint_pass(
-    stack, lead_shape, shape, blocks, designs, model, shift, dtype, backend
+    stack,
+    lead_shape,
+    shape,
+    blocks,
+    designs,
+    model,
+    shift,
+    backend,
+    stride,
+    wider,
+    settled,
 ):
     """One pass: every slice's joint fit in the bin of its current shift.
 
     The pass only gathers each slice's products with its bin's columns
-    (the backend's ``window_products``, every bin in one call); the
-    Gauss–Newton iterations then run on all slices' sums at once.
+    (the backend's ``window_products``, every bin in one call) over every
+    ``stride``-th row of the box, in bins ``wider`` times the designs';
+    the Gauss–Newton iterations then run on all slices' sums at once,
+    until their steps are below ``settled``.
     """
     n_slices = len(shift)
-    offset, key, delta0 = _placed(shift, designs.box, shape)
+    offset, key, delta0 = _placed(shift, designs.box, shape, wider)
     keys, which = _keys(key)
-    used = designs.get_many(keys)
-    tables = WindowTables.of(used, keys, designs.k, dtype)
+    which = designs.slots(keys)[which]  # each slice's slot in the tables
     runs = window_runs(designs.box, shape, designs.fitted)
+    runs, pixels = _rows(runs, designs, stride)
+    tables, grams = designs.tables(pixels)
     base = base_of(offset, shape)
     b = np.zeros((n_slices, designs.width))
     yy = np.zeros(n_slices)
@@ -262,9 +308,9 @@ def _joint_pass(
     yield from _on_threads(blocks, work, n_slices)
     with np.errstate(invalid='ignore', over='ignore'):
         tables.finish(which, b, yy)
-    grams = np.stack([d.gram for d in used])
     out = {'offset': offset, 'key': key}
-    out.update(_fit_sums(b, yy, grams, which, model, delta0, designs))
+    n = len(designs.fitted) if pixels is None else len(pixels)
+    out.update(_fit_sums(b, yy, grams, which, model, delta0, n, settled))
     out['shift'] = offset + key / sm.BINS + out['delta']
     return out
 
@@ -274,8 +320,8 @@ def _joint_pass(
 _FIT_CHUNK = 4096
 
 
-def _fit_sums(b, yy, grams, which, model, delta0, designs) -> dict:
-    """Every slice's joint fit from its sums, in chunks of slices."""
+def _fit_sums(b, yy, grams, which, model, delta0, n: int, settled) -> dict:
+    """Every slice's joint fit from its sums over ``n`` pixels."""
     n_slices, d = delta0.shape
     f = model.k + d
     out = {
@@ -285,12 +331,11 @@ def _fit_sums(b, yy, grams, which, model, delta0, designs) -> dict:
         'hessian': np.zeros((n_slices, f, f)),
         'z': np.zeros(n_slices),
     }
-    n = len(designs.fitted)
     for start in range(0, n_slices, _FIT_CHUNK):
         rows = slice(start, start + _FIT_CHUNK)
         gram = grams[which[rows]]
         theta, delta, ssr, hess = sm.joint_fit(
-            b[rows], yy[rows], gram, model, delta0[rows]
+            b[rows], yy[rows], gram, model, delta0[rows], settled
         )
         out['delta'][rows] = delta
         out['theta'][rows] = theta
