@@ -68,6 +68,19 @@ def _hac_add(s, v, u, c2, t):  # pragma: no cover - compiled
     )
 
 
+@numba.njit(inline='always', fastmath=set(FLAGS))
+def _four_add(s, a, b, c, d, t):  # pragma: no cover - compiled
+    """Add ``a·t, b·t, c·t, d·t`` to the 4-tuple ``s``."""
+    return (s[0] + a * t, s[1] + b * t, s[2] + c * t, s[3] + d * t)
+
+
+@numba.njit(inline='always', fastmath=set(FLAGS))
+def _centred4(ya, yb, yc, yd, cs, p, wt):  # pragma: no cover - compiled
+    """Pixel ``p`` of four rows, cast to ``wt`` and centred on ``cs[p]``."""
+    c = cs[p]
+    return wt(ya[p]) - c, wt(yb[p]) - c, wt(yc[p]) - c, wt(yd[p]) - c
+
+
 @jit
 def sums_one(y, centre, mean, q, t, runs, out, cols):  # pragma: no cover
     """Add each row's sums for a one-vector basis (``k = 1``), fused.
@@ -171,8 +184,9 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
     """Add each row's sums for a basis of several vectors (``k ≥ 2``).
 
     Four rows side by side: the first pass over a run sums ``q₀·y_c``,
-    ``u2·y_c``, ``Σy_c`` and ``Σy_c²``; each further pair of basis vectors
-    is one more vectorized pass that centres the rows again from L1 (a
+    ``u2·y_c``, ``Σy_c`` and ``Σy_c²``; each further two or three basis
+    vectors are one more vectorized pass that centres the rows again from
+    L1 (three where that leaves no single vector over; a
     buffer of centred values is slower: its stores keep LLVM from
     vectorizing the first pass).  Runs are visited band by band (all rows
     of the block for each), so the band's basis vectors stay in the L2
@@ -218,7 +232,25 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
                     tot[1, e] += sb[e]
                     tot[2, e] += sc[e]
                     tot[3, e] += sd[e]
-                for j in range(1, nb, 2):
+                j = 1
+                while j < nb:
+                    left = nb - j
+                    if left == 3 or left >= 5:  # leaves no single vector
+                        q1 = basis[j, p0:p1]
+                        q2 = basis[j + 1, p0:p1]
+                        q3 = basis[j + 2, p0:p1]
+                        s1 = s2 = s3 = (z, z, z, z)
+                        for p in range(m):
+                            a, b, c, d = _centred4(ya, yb, yc, yd, cs, p, wt)
+                            s1 = _four_add(s1, a, b, c, d, q1[p])
+                            s2 = _four_add(s2, a, b, c, d, q2[p])
+                            s3 = _four_add(s3, a, b, c, d, q3[p])
+                        for r in range(4):
+                            tot[r, 3 + j] += s1[r]
+                            tot[r, 4 + j] += s2[r]
+                            tot[r, 5 + j] += s3[r]
+                        j += 3
+                        continue
                     j2 = min(j + 1, nb - 1)
                     q = basis[j, p0:p1]
                     q2 = basis[j2, p0:p1]
@@ -249,6 +281,7 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
                         tot[1, 3 + j2] += tb
                         tot[2, 3 + j2] += tc
                         tot[3, 3 + j2] += td
+                    j += 2
             for r in range(min(4, rows - i)):
                 out[i + r, 0] += tot[r, 0]
                 for j in range(1, nb):
@@ -352,12 +385,6 @@ def residual_sums(y, centre, basis, z, k, terms, runs, out):
             for r in range(min(4, rows - i)):
                 for mm in range(1 + n_terms):
                     out[i + r, mm] += tot[r, mm]
-
-
-@numba.njit(inline='always', fastmath=set(FLAGS))
-def _four_add(s, a, b, c, d, t):  # pragma: no cover - compiled
-    """Add ``a·t, b·t, c·t, d·t`` to the 4-tuple ``s``."""
-    return (s[0] + a * t, s[1] + b * t, s[2] + c * t, s[3] + d * t)
 
 
 @jit
