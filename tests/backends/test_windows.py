@@ -42,6 +42,30 @@ def _case(dtype, masked, work=np.float64):
     return designs, offset, keys, which, stack
 
 
+def _products(backend, designs, offset, which, stack, runs, tables):
+    """The backend's finished products ``b`` and ``yy`` of the case."""
+    b = np.zeros((len(stack), designs.width))
+    yy = np.zeros(len(stack))
+    get_backend(backend).window_products(
+        stack.reshape(len(stack), -1),
+        base_of(offset, SHAPE),
+        which,
+        runs,
+        tables.centre,
+        tables.columns,
+        b,
+        yy,
+    )
+    tables.finish(which, b, yy)
+    return b, yy
+
+
+def _window(y, offset, fitted):
+    """Slice ``y`` cut at ``offset`` over the box, at pixels ``fitted``."""
+    cut = tuple(slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset))
+    return y[cut].reshape(-1)[fitted]
+
+
 @pytest.mark.parametrize(
     'dtype', [np.uint8, np.uint16, np.float32, np.float64]
 )
@@ -52,26 +76,9 @@ def test_window_products_match_a_per_slice_loop(backend, dtype, masked):
     which = designs.slots(keys)[which]  # the bins' slots in the tables
     tables, _ = designs.tables()
     runs = window_runs(designs.box, SHAPE, designs.fitted)
-    base = base_of(offset, SHAPE)
-    b = np.zeros((len(stack), designs.width))
-    yy = np.zeros(len(stack))
-    get_backend(backend).window_products(
-        stack.reshape(len(stack), -1),
-        base,
-        which,
-        runs,
-        tables.centre,
-        tables.columns,
-        b,
-        yy,
-    )
-    tables.finish(which, b, yy)
+    b, yy = _products(backend, designs, offset, which, stack, runs, tables)
     for i, y in enumerate(stack.astype(np.float64)):
-        window = y[
-            tuple(
-                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
-            )
-        ].reshape(-1)[designs.fitted]
+        window = _window(y, offset[i], designs.fitted)
         columns = designs.columns[which[i]][:, designs.fitted]
         # float32 sums: good to ~1e-6 of the terms' scale, ‖column‖·‖y‖
         tol = 1e-12 if dtype == np.float64 else 2e-6
@@ -90,25 +97,9 @@ def test_window_products_over_some_runs(backend, masked):
     runs = window_runs(designs.box, SHAPE, designs.fitted)[::2]
     pixels = run_positions(runs)
     tables, grams = designs.tables(pixels)
-    b = np.zeros((len(stack), designs.width))
-    yy = np.zeros(len(stack))
-    get_backend(backend).window_products(
-        stack.reshape(len(stack), -1),
-        base_of(offset, SHAPE),
-        which,
-        runs,
-        tables.centre,
-        tables.columns,
-        b,
-        yy,
-    )
-    tables.finish(which, b, yy)
+    b, yy = _products(backend, designs, offset, which, stack, runs, tables)
     for i, y in enumerate(stack.astype(np.float64)):
-        window = y[
-            tuple(
-                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
-            )
-        ].reshape(-1)[designs.fitted][pixels]
+        window = _window(y, offset[i], designs.fitted)[pixels]
         columns = designs.columns[which[i]][:, designs.fitted][:, pixels]
         columns = columns.astype(np.float64)
         assert_allclose(grams[which[i]], columns @ columns.T, rtol=1e-12)
@@ -139,11 +130,7 @@ def test_window_fill_matches_a_per_slice_loop(backend, dtype):
         out,
     )
     for i, y in enumerate(stack.astype(np.float64)):
-        window = y[
-            tuple(
-                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
-            )
-        ].reshape(-1)
+        window = _window(y, offset[i], slice(None))
         want = window + coef[i] @ rows[which[i]]
         tol = 1e-12 if dtype == np.float64 else 1e-6
         assert_allclose(out[i], want, rtol=tol, atol=tol * np.abs(want).max())
@@ -172,11 +159,7 @@ def test_window_meat_matches_a_per_slice_loop(backend, dtype):
         out,
     )
     for i, y in enumerate(stack.astype(np.float64)):
-        window = y[
-            tuple(
-                slice(p.start + o, p.stop + o) for p, o in zip(BOX, offset[i])
-            )
-        ].reshape(-1)[picked]
+        window = _window(y, offset[i], picked)
         r = window - v[i] @ columns[which[i]]
         want = terms[twhich[i]] @ (r * r)
         assert_allclose(

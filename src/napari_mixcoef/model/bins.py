@@ -235,11 +235,12 @@ class ShiftedDesigns:
             norm2 = np.empty_like(norm2)
             grams = np.empty_like(grams)
             for slot in range(count):
-                part = columns[slot][:, pixels].astype(np.float64)
-                mean = centre[slot, pixels].astype(np.float64)
-                np.dot(part, part.T, out=grams[slot])
-                np.dot(part, mean, out=b_centre[slot])
-                norm2[slot] = mean @ mean
+                norm2[slot] = _moments(
+                    columns[slot][:, pixels].astype(np.float64),
+                    centre[slot, pixels].astype(np.float64),
+                    grams[slot],
+                    b_centre[slot],
+                )
         keys = sorted(self._slot, key=self._slot.get)
         tables = WindowTables(keys, centre, columns, b_centre, norm2, self.k)
         return tables, grams
@@ -288,7 +289,6 @@ class ShiftedDesigns:
                     plain=self._plain,
                 )
 
-
     def _sums(self, slots: NDArray) -> None:
         """Write the Gram and centre of the columns of ``slots``.
 
@@ -302,12 +302,23 @@ class ShiftedDesigns:
         for slot in slots:
             stored = self._columns[slot]
             part[...] = stored if everything else stored[:, self.fitted]
-            np.dot(part, part.T, out=self._gram[slot])
             # slices are centred on the mean shifted reference
             self._centre[slot] = part[: self.k].mean(axis=0)
             centre[...] = self._centre[slot]
-            np.dot(part, centre, out=self._b_centre[slot])
-            self._norm2[slot] = centre @ centre
+            self._norm2[slot] = _moments(
+                part, centre, self._gram[slot], self._b_centre[slot]
+            )
+
+
+def _moments(part: NDArray, centre: NDArray, gram: NDArray, b: NDArray):
+    """Write ``BBᵀ`` into ``gram`` and ``Bc`` into ``b``; return ``‖c‖²``.
+
+    ``part`` (P, n) the columns and ``centre`` (n,) at the pixels summed
+    over, in float64.
+    """
+    np.dot(part, part.T, out=gram)
+    np.dot(part, centre, out=b)
+    return float(centre @ centre)
 
 
 def _grown(table: NDArray, room: int, count: int) -> NDArray:

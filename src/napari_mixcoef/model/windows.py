@@ -46,10 +46,15 @@ def window_runs(box, shape, fitted: NDArray) -> NDArray[np.int64]:
 
 def run_positions(runs: NDArray) -> NDArray[np.intp]:
     """Return the fitted positions the runs cover, in their order."""
+    return _spans(runs, 1)
+
+
+def _spans(runs: NDArray, column: int) -> NDArray[np.intp]:
+    """Every index of the runs' spans from ``runs[:, column]``, in order."""
     if len(runs) == 0:
         return np.zeros(0, np.intp)
     return np.concatenate(
-        [np.arange(f, f + n) for _, f, n in runs.tolist()]
+        [np.arange(a, a + n) for a, n in runs[:, [column, 2]].tolist()]
     ).astype(np.intp)
 
 
@@ -99,9 +104,7 @@ class WindowTables:
 
 def _gathered(runs: NDArray) -> NDArray[np.intp]:
     """Return the stored pixels of the runs, in their fitted order."""
-    return np.concatenate(
-        [np.arange(s, s + n) for s, _, n in runs.tolist()]
-    ).astype(np.intp)
+    return _spans(runs, 0)
 
 
 def numpy_window_fill(y, base, which, runs, coef, rows, out):

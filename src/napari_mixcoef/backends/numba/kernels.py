@@ -251,6 +251,9 @@ def sums_many(y, centre, mean, basis, runs, out, cols):  # pragma: no cover
                             tot[r, 5 + j] += s3[r]
                         j += 3
                         continue
+                    # a pair (a single vector repeats itself, dropped),
+                    # written out: through the helpers above it ran
+                    # slower for K = 4, whose one extra pass this is
                     j2 = min(j + 1, nb - 1)
                     q = basis[j, p0:p1]
                     q2 = basis[j2, p0:p1]
